@@ -1,0 +1,12 @@
+"""pyattn: fused attention, RMSNorm and GLU feed-forward kernels for PyTorch.
+
+Every op is a ``torch.library`` custom op with forward and backward on four backends
+(triton, cuda, cpu, reference); see ``pyattn.backend_status``.
+"""
+from ._dispatch import BackendUnavailableError, backend_status
+from .ops.rms_norm import rms_norm
+from . import nn
+
+__version__ = "0.1.0"
+
+__all__ = ["rms_norm", "nn", "backend_status", "BackendUnavailableError", "__version__"]

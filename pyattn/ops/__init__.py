@@ -1,0 +1,1 @@
+"""Op registration (torch.library custom ops) and the functional API, one module per family."""

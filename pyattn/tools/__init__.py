@@ -1,0 +1,1 @@
+"""Developer tools shipped with pyattn (static GPU checks)."""
