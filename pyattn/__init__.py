@@ -5,8 +5,10 @@ Every op is a ``torch.library`` custom op with forward and backward on four back
 """
 from ._dispatch import BackendUnavailableError, backend_status
 from .ops.rms_norm import rms_norm
+from .attention import attention, sdpa, varlen_attention
+from .masks import pad, unpad
 from . import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["rms_norm", "nn", "backend_status", "BackendUnavailableError", "__version__"]
+__all__ = ["rms_norm", "attention", "varlen_attention", "sdpa", "pad", "unpad", "nn", "backend_status", "BackendUnavailableError", "__version__"]

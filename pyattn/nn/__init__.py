@@ -1,4 +1,5 @@
 """``torch.nn`` modules built on pyattn ops."""
+from .attention import MultiheadAttention
 from .rms_norm import RMSNorm
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "MultiheadAttention"]

@@ -1,0 +1,288 @@
+"""Public attention API: ``attention``, ``varlen_attention`` and ``sdpa``.
+
+All three are front ends of one engine (pyattn/ops/attention.py): they validate the inputs,
+turn masks into the engine's arguments (band, key padding, additive bias, ALiBi, dropout seed)
+and pick a backend.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from ._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_tensor
+from .ops.attention import MAX_HEAD_DIM, attention_fwd
+
+_ALL_FLOATS = FLOAT_DTYPES + (torch.float64,)
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    """Kernels take any strides but need contiguous head dims; copy only when that fails."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _check_qkv(q, k, v, *, packed: bool):
+    rank = 3 if packed else 4
+    layout = "(total, H, D)" if packed else "(B, H, N, D)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=_ALL_FLOATS)
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        check_same_dtype(name, t, "q", q)
+        check_same_device(name, t, "q", q)
+    hdim = 1 if packed else 1
+    H, Hkv = q.shape[hdim], k.shape[hdim]
+    D = q.shape[-1]
+    if k.shape[-1] != D:
+        raise ValueError(f"k head dim {k.shape[-1]} must equal q head dim {D}")
+    if v.shape[-1] != D:
+        raise ValueError(f"v head dim {v.shape[-1]} must equal q head dim {D} (use pyattn.sdpa for a different value dim)")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v must have the shape of k in all but the last dim: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hkv})")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k batch size {k.shape[0]} must equal q batch size {q.shape[0]}")
+    if not 1 <= D <= MAX_HEAD_DIM and q.dtype != torch.float64:
+        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+
+
+def _check_window(window) -> Tuple[int, int]:
+    if window is None:
+        return -1, -1
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a (left, right) pair, got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            out.append(-1)
+            continue
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"window {side} size must be an int or None, got {type(w).__name__}")
+        if w < 0:
+            raise ValueError(f"window {side} size must be >= 0 (None = unbounded), got {w}")
+        out.append(w)
+    return out[0], out[1]
+
+
+def _check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def _check_scale(scale, D: int) -> float:
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _dropout_seed(dropout_p: float, generator: Optional[torch.Generator]) -> Optional[Tensor]:
+    if dropout_p == 0.0:
+        return None
+    # A CPU int64 scalar drawn from torch's RNG: seeded by torch.manual_seed, replayed in backward.
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, generator=generator)
+
+
+def _broadcast_bias(name: str, t: Tensor, B: int, H: int, Nq: int, Nk: int, q: Tensor) -> Tensor:
+    check_same_device(name, t, "q", q)
+    if t.dim() > 4:
+        raise ValueError(f"{name} must be broadcastable to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}, got shape {tuple(t.shape)}")
+    try:
+        return t.expand(B, H, Nq, Nk)
+    except RuntimeError:
+        raise ValueError(f"{name} must be broadcastable to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}, "
+                         f"got shape {tuple(t.shape)}") from None
+
+
+def _mask_to_bias(attn_mask: Tensor, B, H, Nq, Nk, q: Tensor) -> Tensor:
+    if attn_mask.dtype == torch.bool:
+        m = _broadcast_bias("attn_mask", attn_mask, B, H, Nq, Nk, q)
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        return torch.where(m, zero, torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
+    if attn_mask.dtype not in _ALL_FLOATS:
+        raise TypeError(f"attn_mask must be bool (True = attend) or a float additive mask, got {attn_mask.dtype}")
+    return _broadcast_bias("attn_mask", attn_mask, B, H, Nq, Nk, q)
+
+
+def _check_alibi(alibi_slopes, B, H, q) -> Optional[Tensor]:
+    if alibi_slopes is None:
+        return None
+    check_tensor("alibi_slopes", alibi_slopes, dtypes=_ALL_FLOATS)
+    check_same_device("alibi_slopes", alibi_slopes, "q", q)
+    if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise ValueError(f"alibi_slopes must have shape (H,) = ({H},) or (B, H) = ({B}, {H}), got {tuple(alibi_slopes.shape)}")
+    return alibi_slopes.to(torch.float32).expand(B, H)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
+              key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+              bias: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+              window: Optional[Tuple[Optional[int], Optional[int]]] = None, dropout_p: float = 0.0,
+              causal_alignment: str = "bottom_right", return_lse: bool = False,
+              generator: Optional[torch.Generator] = None,
+              backend: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Fused softmax attention (FlashAttention-2: tiled, online softmax, O(N) memory).
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H a multiple of Hkv (MHA, GQA, MQA). Any
+            strides: a (B, N, H, D) tensor viewed with ``.transpose(1, 2)`` is used without a copy.
+            fp32, fp16 or bf16; D in [1, 256].
+        causal: query i sees keys j <= i + (Nk - Nq) (bottom-right aligned, the KV-cache
+            convention; ``causal_alignment="top_left"`` gives SDPA's j <= i)::
+
+                Nq=2, Nk=5, bottom_right     Nq=2, Nk=5, top_left
+                q0: x x x x .                q0: x . . . .
+                q1: x x x x x                q1: x x . . .
+
+        scale: defaults to 1/sqrt(D).
+        key_padding_mask: (B, Nk) bool, True = keep (BERT's attention mask).
+        attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Nq, Nk).
+        bias: additive float broadcastable to (B, H, Nq, Nk); gets a gradient when it requires grad.
+        alibi_slopes: (H,) or (B, H): adds -slope * |i + Nk - Nq - j|.
+        window: (left, right) sliding window around the (aligned) diagonal; None on a side = unbounded.
+            Key blocks outside the band are never visited: cost is O(N * window).
+        dropout_p: dropout on the attention probabilities (training); the mask is a counter-based
+            hash of a seed drawn from torch's RNG, replayed exactly in the backward.
+        return_lse: also return the fp32 log-sum-exp (B, H, Nq) (-inf for rows that see no key).
+        backend: "triton", "cuda", "cpu", "reference" or None (fastest that fits; env PYATTN_BACKEND).
+
+    Returns:
+        out (B, H, Nq, D) in q's dtype (rows that see no key are 0), and lse if requested.
+
+    Equivalent PyTorch (no mask)::
+
+        out = torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
+    """
+    check_backend_arg(backend)
+    _check_qkv(q, k, v, packed=False)
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    wl, wr = _check_window(window)
+    if causal:
+        wr = 0 if wr < 0 else min(wr, 0)
+    if causal_alignment not in ("bottom_right", "top_left"):
+        raise ValueError(f"causal_alignment must be 'bottom_right' or 'top_left', got {causal_alignment!r}")
+    p = _check_dropout(dropout_p)
+    sc = _check_scale(scale, D)
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
+        check_same_device("key_padding_mask", key_padding_mask, "q", q)
+        if tuple(key_padding_mask.shape) != (B, Nk):
+            raise ValueError(f"key_padding_mask must have shape (B, Nk) = ({B}, {Nk}), got {tuple(key_padding_mask.shape)}")
+    full_bias = None
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=_ALL_FLOATS)
+        full_bias = _broadcast_bias("bias", bias, B, H, Nq, Nk, q)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+        mask_bias = _mask_to_bias(attn_mask, B, H, Nq, Nk, q)
+        full_bias = mask_bias if full_bias is None else full_bias + mask_bias
+    slopes = _check_alibi(alibi_slopes, B, H, q)
+    name = _dispatch.select_backend("attention", "attention", q.device, backend, (q.dtype, D))
+    out, lse = attention_fwd(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v),
+                             full_bias, slopes, key_padding_mask, None, None, Nq, Nk, sc, wl, wr,
+                             causal_alignment == "bottom_right", p, _dropout_seed(p, generator), name)
+    return (out, lse) if return_lse else out
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, q: Tensor) -> None:
+    check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
+    check_same_device(name, cu, "q", q)
+    if cu.numel() < 2:
+        raise ValueError(f"{name} must have at least 2 entries (S + 1), got {cu.numel()}")
+    c = cu.cpu()
+    if int(c[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(c[0])}")
+    if bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing, got {c.tolist()[:16]}")
+    if int(c[-1]) != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {int(c[-1])}")
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     window: Optional[Tuple[Optional[int], Optional[int]]] = None, scale: Optional[float] = None,
+                     dropout_p: float = 0.0, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+                     generator: Optional[torch.Generator] = None,
+                     backend: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Attention over packed variable-length sequences (no padding is computed).
+
+    Args:
+        q: (total_q, H, D); k, v: (total_k, Hkv, D) — sequences concatenated along dim 0.
+        cu_seqlens_q, cu_seqlens_k: int32 (S + 1,) cumulative lengths starting at 0: sequence s
+            owns rows cu[s]:cu[s+1]. ``pyattn.unpad`` builds them from a padding mask.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (host ints).
+        causal, window, scale, dropout_p, alibi_slopes ((H,) or (S, H)): as in :func:`attention`,
+            applied within each sequence (causal is bottom-right aligned per sequence).
+
+    Returns:
+        out (total_q, H, D), and lse (H, total_q) if requested.
+    """
+    check_backend_arg(backend)
+    _check_qkv(q, k, v, packed=True)
+    total_q, H, D = q.shape
+    total_k = k.shape[0]
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, q)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    S = cu_seqlens_q.numel() - 1
+    wl, wr = _check_window(window)
+    if causal:
+        wr = 0 if wr < 0 else min(wr, 0)
+    p = _check_dropout(dropout_p)
+    sc = _check_scale(scale, D)
+    slopes = _check_alibi(alibi_slopes, S, H, q) if alibi_slopes is not None else None
+    name = _dispatch.select_backend("varlen_attention", "attention", q.device, backend, (q.dtype, D))
+    q4 = _unit_last_stride(q).transpose(0, 1).unsqueeze(0)  # (1, H, total_q, D) view, no copy
+    k4 = _unit_last_stride(k).transpose(0, 1).unsqueeze(0)
+    v4 = _unit_last_stride(v).transpose(0, 1).unsqueeze(0)
+    out, lse = attention_fwd(q4, k4, v4, None, slopes, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                             int(max_seqlen_k), sc, wl, wr, True, p, _dropout_seed(p, generator), name)
+    out = out[0].transpose(0, 1)
+    return (out, lse[0]) if return_lse else out
+
+
+def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+         is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and semantics).
+
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev); 3-D inputs (N, L, E) too.
+    ``is_causal`` is top-left aligned as in SDPA. Differences: rows whose mask hides every key
+    give 0 rather than NaN, and dropout draws its own (equally distributed) mask.
+    """
+    if query.dim() not in (3, 4):
+        raise ValueError(f"query must be 3-D (N, L, E) or 4-D (N, H, L, E), got shape {tuple(query.shape)}")
+    squeeze = query.dim() == 3
+    if squeeze:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    if not enable_gqa and query.shape[1] != key.shape[1]:
+        raise ValueError(f"query has {query.shape[1]} heads and key {key.shape[1]}; pass enable_gqa=True for GQA")
+    E, Ev = query.shape[-1], value.shape[-1]
+    sc = E ** -0.5 if scale is None else scale
+    if Ev != E:  # zero-pad the narrower side: scores and outputs are unchanged
+        width = max(E, Ev)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
+        query, key, value = pad(query), pad(key), pad(value)
+    if query.shape[0] != key.shape[0]:
+        key = key.expand(query.shape[0], *key.shape[1:])
+        value = value.expand(query.shape[0], *value.shape[1:])
+    out = attention(query, key, value, causal=is_causal, causal_alignment="top_left", scale=sc, attn_mask=attn_mask,
+                    dropout_p=dropout_p)
+    out = out[..., :Ev]
+    return out.squeeze(1) if squeeze else out
