@@ -56,33 +56,61 @@ void rms_norm_fwd_kernel(const T* x, int64_t sx, const T* res, int64_t sr, const
 template <typename T, bool kWeight, bool kDh>
 void rms_norm_bwd_kernel(const T* dy, int64_t sdy, const T* x, int64_t sx, const float* w, const float* rstd,
                          const T* dh, int64_t sdh, T* dx, float* dw_part, int64_t M, int64_t N) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  constexpr int64_t V = fVec::size();
   const int64_t chunk = rows_per_chunk(M);
   const int64_t num_chunks = (M + chunk - 1) / chunk;
   at::parallel_for(0, num_chunks, 1, [&](int64_t cbegin, int64_t cend) {
-    std::vector<float> xb(N), gb(N), tb(N);
+    // fp32 rows are read in place; 16-bit rows are widened once into these buffers
+    std::vector<float> xb(kF32 ? 0 : N), gb(kF32 ? 0 : N), hb(kF32 ? 0 : N), ob(kF32 ? 0 : N);
     for (int64_t c = cbegin; c < cend; ++c) {
       float* dwp = kWeight ? dw_part + c * N : nullptr;
       if constexpr (kWeight) std::fill(dwp, dwp + N, 0.f);
       for (int64_t row = c * chunk; row < std::min(M, (c + 1) * chunk); ++row) {
         const float r = rstd[row];
         const fVec vr(r);
-        to_float(x + row * sx, xb.data(), N);
-        to_float(dy + row * sdy, gb.data(), N);
-        at::vec::map<float>([vr](fVec a) { return a * vr; }, xb.data(), xb.data(), N);  // xhat
-        if constexpr (kWeight) {
-          // dw += dy * xhat, then g = dy * w
-          at::vec::map3<float>([](fVec acc, fVec g, fVec xh) { return at::vec::fmadd(g, xh, acc); }, dwp, dwp,
-                               gb.data(), xb.data(), N);
-          at::vec::map2<float>([](fVec g, fVec ww) { return g * ww; }, gb.data(), gb.data(), w, N);
+        const float* xr;
+        const float* gr;
+        const float* hr = nullptr;
+        float* out;
+        if constexpr (kF32) {
+          xr = x + row * sx;
+          gr = dy + row * sdy;
+          if constexpr (kDh) hr = dh + row * sdh;
+          out = dx + row * N;
+        } else {
+          to_float(x + row * sx, xb.data(), N);
+          to_float(dy + row * sdy, gb.data(), N);
+          if constexpr (kDh) to_float(dh + row * sdh, hb.data(), N);
+          xr = xb.data();
+          gr = gb.data();
+          hr = hb.data();
+          out = ob.data();
         }
-        const fVec vc(dot(xb.data(), gb.data(), N) / float(N));
-        at::vec::map2<float>([vr, vc](fVec g, fVec xh) { return (g - xh * vc) * vr; }, tb.data(), gb.data(),
-                             xb.data(), N);
-        if constexpr (kDh) {
-          to_float(dh + row * sdh, gb.data(), N);
-          at::vec::map2<float>([](fVec a, fVec b) { return a + b; }, tb.data(), tb.data(), gb.data(), N);
+        // pass 1: s = sum(x * w * dy); dw += dy * x * rstd
+        fVec acc(0.f);
+        for (int64_t i = 0; i < N; i += V) {
+          const int64_t n = std::min(V, N - i);
+          const fVec xv = fVec::loadu(xr + i, n), gv = fVec::loadu(gr + i, n);
+          if constexpr (kWeight) {
+            acc = at::vec::fmadd(xv, gv * fVec::loadu(w + i, n), acc);
+            at::vec::fmadd(gv * xv, vr, fVec::loadu(dwp + i, n)).store(dwp + i, n);
+          } else {
+            acc = at::vec::fmadd(xv, gv, acc);
+          }
         }
-        from_float(tb.data(), dx + row * N, N);
+        const float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
+        // pass 2: dx = rstd * (w * dy - x * rstd^2 * s / N) (+ dh)
+        const fVec vk(r * r * s / float(N));
+        for (int64_t i = 0; i < N; i += V) {
+          const int64_t n = std::min(V, N - i);
+          fVec gw = fVec::loadu(gr + i, n);
+          if constexpr (kWeight) gw = gw * fVec::loadu(w + i, n);
+          fVec d = (gw - fVec::loadu(xr + i, n) * vk) * vr;
+          if constexpr (kDh) d = d + fVec::loadu(hr + i, n);
+          d.store(out + i, n);
+        }
+        if constexpr (!kF32) from_float(ob.data(), dx + row * N, N);
       }
     }
   });
