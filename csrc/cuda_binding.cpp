@@ -272,21 +272,22 @@ AttnExtras attn_prepare(const at::Tensor& q, const at::Tensor& k, const at::Tens
   }
   if (alibi_slopes.has_value() && alibi_slopes->defined()) {
     check_cuda(*alibi_slopes, q, "alibi_slopes");
-    TORCH_CHECK(alibi_slopes->scalar_type() == at::kFloat && alibi_slopes->dim() == 2, op,
-                ": alibi_slopes must be float32 (B, H)");
-    const int64_t ab = alibi_slopes->size(0), ah = alibi_slopes->size(1);
+    TORCH_CHECK(alibi_slopes->dim() == 1 || alibi_slopes->dim() == 2, op, ": alibi_slopes must be (H,) or (B, H)");
+    ex.alibi = alibi_slopes->to(at::kFloat);
+    if (ex.alibi.dim() == 1) ex.alibi = ex.alibi.unsqueeze(0);
+    const int64_t ab = ex.alibi.size(0), ah = ex.alibi.size(1);
+    // varlen: (1, H) is shared by all sequences, (S, H) is per sequence
     TORCH_CHECK((ab == 1 || ab == (ex.varlen ? ex.num_seqs : B)) && (ah == 1 || ah == H), op,
                 ": alibi_slopes shape ", alibi_slopes->sizes(), " does not broadcast to (B, H)");
-    ex.alibi = *alibi_slopes;
     ex.alibi_st[0] = bstride(ex.alibi, 0);
     ex.alibi_st[1] = bstride(ex.alibi, 1);
   }
   if (key_padding_mask.has_value() && key_padding_mask->defined()) {
     check_cuda(*key_padding_mask, q, "key_padding_mask");
-    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
-                    key_padding_mask->size(0) == B && key_padding_mask->size(1) == Nk,
-                op, ": key_padding_mask must be bool (B, Nk) = (", B, ", ", Nk, "), got ", key_padding_mask->sizes());
-    ex.kpm = *key_padding_mask;
+    TORCH_CHECK(key_padding_mask->dim() == 2 && (key_padding_mask->size(0) == B || key_padding_mask->size(0) == 1) &&
+                    key_padding_mask->size(1) == Nk,
+                op, ": key_padding_mask must be (B, Nk) = (", B, ", ", Nk, "), got ", key_padding_mask->sizes());
+    ex.kpm = key_padding_mask->scalar_type() == at::kBool ? *key_padding_mask : key_padding_mask->to(at::kBool);
     ex.kpm_st[0] = bstride(ex.kpm, 0);
     ex.kpm_st[1] = bstride(ex.kpm, 1);
   }
