@@ -24,9 +24,10 @@ setup(
     install_requires=["torch>=2.5", "numpy", "ninja"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy<2.4", "triton>=3.2; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy<2.4", "triton>=3.2; platform_system == 'Linux'",
+                 "transformers>=4.53"],
         "bench": ["matplotlib", "numpy<2.4", "triton>=3.2; platform_system == 'Linux'"],
-        "hf": ["transformers>=4.48"],
+        "hf": ["transformers>=4.53"],
     },
     entry_points={"console_scripts": ["pyattn-bench=pyattn.bench.__main__:main"]},
 )

@@ -7,8 +7,9 @@ from ._dispatch import BackendUnavailableError, backend_status
 from .ops.rms_norm import rms_norm
 from .attention import attention, sdpa, varlen_attention
 from .masks import pad, unpad
+from .integrations.patching import patch, unpatch
 from . import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["rms_norm", "attention", "varlen_attention", "sdpa", "pad", "unpad", "nn", "backend_status", "BackendUnavailableError", "__version__"]
+__all__ = ["rms_norm", "attention", "varlen_attention", "sdpa", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError", "__version__"]

@@ -260,29 +260,83 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
          is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and semantics).
 
-    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev); 3-D inputs (N, L, E) too.
-    ``is_causal`` is top-left aligned as in SDPA. Differences: rows whose mask hides every key
-    give 0 rather than NaN, and dropout draws its own (equally distributed) mask.
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev): any number of leading
+    batch dims, broadcast between query, key and value as SDPA does; 3-D (N, L, E) and 2-D (L, E)
+    inputs too. Hkv must equal Hq, be 1 (broadcast), or divide Hq with ``enable_gqa=True``.
+    ``attn_mask``: bool (True = attend) or additive float, broadcastable to (..., Hq, L, S).
+    ``is_causal`` is top-left aligned (query i sees keys j <= i) as in SDPA. Differences: dropout
+    draws its own (equally distributed) mask; a float mask may have any float dtype.
+
+    Equivalent PyTorch::
+
+        torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+                                                         is_causal, scale, enable_gqa)
     """
-    if query.dim() not in (3, 4):
-        raise ValueError(f"query must be 3-D (N, L, E) or 4-D (N, H, L, E), got shape {tuple(query.shape)}")
-    squeeze = query.dim() == 3
-    if squeeze:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        if attn_mask is not None and attn_mask.dim() == 3:
-            attn_mask = attn_mask.unsqueeze(1)
-    if not enable_gqa and query.shape[1] != key.shape[1]:
-        raise ValueError(f"query has {query.shape[1]} heads and key {key.shape[1]}; pass enable_gqa=True for GQA")
-    E, Ev = query.shape[-1], value.shape[-1]
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key and value must have the same number of dims, got shapes {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"key and value must have the same sequence length, got {key.shape[-2]} and {value.shape[-2]}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key head dim {key.shape[-1]} must equal query head dim {query.shape[-1]}")
+    rank = query.dim()
+    L, E = query.shape[-2:]
+    S, Ev = key.shape[-2], value.shape[-1]
+    if rank <= 3:
+        # (N, L, E) / (L, E): no head dim; the mask broadcasts against (N, L, S) / (L, S)
+        batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        Hq = Hkv = 1
+        full_mask_shape = (*batch, L, S)
+        query, key, value = query.unsqueeze(-3), key.unsqueeze(-3), value.unsqueeze(-3)
+        if attn_mask is not None and isinstance(attn_mask, Tensor):
+            try:
+                attn_mask = attn_mask.expand(full_mask_shape).unsqueeze(-3)
+            except RuntimeError:
+                raise ValueError(f"attn_mask must be broadcastable to {full_mask_shape}, got shape "
+                                 f"{tuple(attn_mask.shape)}") from None
+    else:
+        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        Hq, Hkv = query.shape[-3], key.shape[-3]
+        if value.shape[-3] != Hkv:
+            raise ValueError(f"key and value must have the same number of heads, got {Hkv} and {value.shape[-3]}")
+        if Hkv != Hq:
+            if Hkv == 1:
+                pass  # broadcast over the query heads (runs as MQA)
+            elif not enable_gqa:
+                raise ValueError(f"query has {Hq} heads and key {Hkv}; pass enable_gqa=True for GQA")
+            elif Hq % Hkv != 0:
+                raise ValueError(f"enable_gqa=True needs the query heads ({Hq}) to be a multiple of the key heads ({Hkv})")
+    B = 1
+    for b in batch:
+        B *= b
+    out_shape = (*batch, Hq, L, Ev) if rank > 3 else (*batch, L, Ev)
+    Hkv = key.shape[-3]
+
+    def to4(t: Tensor, heads: int) -> Tensor:
+        t = t.expand(*batch, heads, *t.shape[-2:])
+        return t.reshape(B, heads, *t.shape[-2:])  # a view when the batch dims merge (always for 4-D)
+
+    query, key, value = to4(query, Hq), to4(key, Hkv), to4(value, Hkv)
+    if attn_mask is not None and isinstance(attn_mask, Tensor) and len(batch) != 1:
+        try:
+            attn_mask = attn_mask.expand(*batch, Hq, L, S)
+        except RuntimeError:
+            raise ValueError(f"attn_mask must be broadcastable to {(*batch, Hq, L, S)}, got shape "
+                             f"{tuple(attn_mask.shape)}") from None
+        attn_mask = attn_mask.reshape(B, Hq, L, S)
+    if B == 0 or L == 0 or S == 0 or Hq == 0:
+        # nothing to attend to: SDPA returns zeros (rows that see no key are 0)
+        return query.new_zeros(out_shape)
     sc = E ** -0.5 if scale is None else scale
     if Ev != E:  # zero-pad the narrower side: scores and outputs are unchanged
         width = max(E, Ev)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
         query, key, value = pad(query), pad(key), pad(value)
-    if query.shape[0] != key.shape[0]:
-        key = key.expand(query.shape[0], *key.shape[1:])
-        value = value.expand(query.shape[0], *value.shape[1:])
     out = attention(query, key, value, causal=is_causal, causal_alignment="top_left", scale=sc, attn_mask=attn_mask,
                     dropout_p=dropout_p)
-    out = out[..., :Ev]
-    return out.squeeze(1) if squeeze else out
+    return out[..., :Ev].reshape(out_shape)
