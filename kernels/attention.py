@@ -16,7 +16,6 @@ This module imports only torch and triton.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -485,7 +484,9 @@ def _config(kernel: str, block_d: int, dtype: torch.dtype):
 # --------------------------------------------------------------------------------------------
 # Python API
 # --------------------------------------------------------------------------------------------
-_PRE_BLOCK_M_GPU = 64
+def _pre_block_m(block_d: int) -> int:
+    """Rows per program of the delta pre-pass on GPU (keeps ~4K elements per program: no spills)."""
+    return max(16, 4096 // block_d)
 
 
 def _common_args(q, bias, alibi_slopes, key_padding_mask, is_varlen):
@@ -578,7 +579,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
         return dq, dk, dv, dbias
     block_d = _block_d(D)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    PM = 32 if INTERPRET else _PRE_BLOCK_M_GPU
+    PM = 32 if INTERPRET else _pre_block_m(block_d)
     _attention_bwd_preprocess_kernel[(triton.cdiv(Nq, PM), H, B)](
         out, dout, delta,
         out.stride(0), out.stride(1), out.stride(2),
@@ -701,7 +702,7 @@ def gpu_compile_specs():
                 specs.append(dict(name=f"bwd_dq_{dn}_d{D}_{vname}", fn=_attention_bwd_dq_kernel,
                                   signature=_signature(_attention_bwd_dq_kernel, dn, ce), constexprs=ce,
                                   num_warps=nw, num_stages=ns))
-            ce = dict(BLOCK_M=_PRE_BLOCK_M_GPU, BLOCK_D=bd)
+            ce = dict(BLOCK_M=_pre_block_m(bd), BLOCK_D=bd)
             specs.append(dict(name=f"bwd_pre_{dn}_d{D}", fn=_attention_bwd_preprocess_kernel,
                               signature=_signature(_attention_bwd_preprocess_kernel, dn, ce), constexprs=ce,
                               num_warps=4, num_stages=1))
