@@ -5,6 +5,7 @@ Every op is a ``torch.library`` custom op with forward and backward on four back
 """
 from ._dispatch import BackendUnavailableError, backend_status
 from .ops.rms_norm import rms_norm
+from .ops.glu import glu, glu_ffn
 from .attention import attention, sdpa, varlen_attention
 from .masks import pad, unpad
 from .integrations.patching import patch, unpatch
@@ -12,4 +13,4 @@ from . import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["rms_norm", "attention", "varlen_attention", "sdpa", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError", "__version__"]
+__all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError", "__version__"]
