@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import to_dtype as _to_dtype
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRET_C: tl.constexpr = tl.constexpr(INTERPRET)
 
@@ -32,18 +34,6 @@ _LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
 # --------------------------------------------------------------------------------------------
 # jit helpers
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _to_dtype(x, dtype: tl.constexpr):
-    """Cast fp32 ``x`` to ``dtype``; under the interpreter bf16 is rounded to nearest even like
-    PyTorch / GPU code (the interpreter truncates)."""
-    if _INTERPRET_C and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
 @triton.jit
 def _dot(a, b, acc):
     """acc + a @ b with fp32 accumulation. Interpreter: upcast (its bf16/fp16 dot is wrong).

@@ -93,12 +93,12 @@ def test_registered_and_idempotent():
     assert AttentionMaskInterface._global_mapping["pyattn"] is hf.pyattn_mask
 
 
-def test_minimum_version_message(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.40.0")
+def test_minimum_version_message():
     with pytest.raises(ImportError, match=r"transformers >= 4\.53\.0.*found 4\.40\.0"):
-        hf._import_transformers()
-    monkeypatch.setattr(transformers, "__version__", "99.0.0")
-    assert hf._import_transformers() is transformers
+        hf.check_transformers_version("4.40.0")
+    hf.check_transformers_version("99.0.0")
+    hf.check_transformers_version(transformers.__version__)  # the installed release is supported
+    assert hf._import_transformers().__version__ == transformers.__version__
 
 
 def test_unknown_implementation_still_rejected_by_transformers():

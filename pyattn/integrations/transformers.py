@@ -53,14 +53,19 @@ def _import_transformers():
         raise ImportError(
             "pyattn.integrations.transformers needs Hugging Face transformers "
             f">= {MIN_TRANSFORMERS_VERSION}: pip install 'transformers>={MIN_TRANSFORMERS_VERSION}'") from exc
+    check_transformers_version(transformers.__version__)
+    return transformers
+
+
+def check_transformers_version(version: str) -> None:
+    """Raise ImportError with an upgrade hint when ``version`` is older than the minimum supported."""
     from packaging.version import Version
 
-    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS_VERSION):
+    if Version(version) < Version(MIN_TRANSFORMERS_VERSION):
         raise ImportError(
             f"pyattn.integrations.transformers needs transformers >= {MIN_TRANSFORMERS_VERSION} (for "
-            f"AttentionInterface and AttentionMaskInterface), found {transformers.__version__}: "
+            f"AttentionInterface and AttentionMaskInterface), found {version}: "
             f"pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'")
-    return transformers
 
 
 _transformers = _import_transformers()

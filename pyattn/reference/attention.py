@@ -67,13 +67,10 @@ def alibi_bias(slopes: Tensor, Nq: int, Nk: int, bottom_right: bool) -> Tensor:
     return -slopes[..., None, None] * dist
 
 
-def _dense(q, k, v, bias, alibi_slopes, key_padding_mask, scale, window_left, window_right, bottom_right,
-           dropout_p, seed, batch_head):
-    B, H, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    if Hkv != H:
-        k = k.repeat_interleave(H // Hkv, dim=1)
-        v = v.repeat_interleave(H // Hkv, dim=1)
+def _masked_scores(q, k, bias, alibi_slopes, key_padding_mask, scale, window_left, window_right, bottom_right):
+    """scale * q k^T + bias + ALiBi with invisible keys at -inf; q (B, H, Nq, D), k (B, H, Nk, D)."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.to(s.dtype)
@@ -82,7 +79,17 @@ def _dense(q, k, v, bias, alibi_slopes, key_padding_mask, scale, window_left, wi
     visible = visibility_mask(Nq, Nk, window_left, window_right, bottom_right, q.device).expand(B, H, Nq, Nk)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.view(B, 1, 1, Nk)
-    s = s.masked_fill(~visible, float("-inf"))
+    return s.masked_fill(~visible, float("-inf"))
+
+
+def _dense(q, k, v, bias, alibi_slopes, key_padding_mask, scale, window_left, window_right, bottom_right,
+           dropout_p, seed, batch_head):
+    B, H, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    s = _masked_scores(q, k, bias, alibi_slopes, key_padding_mask, scale, window_left, window_right, bottom_right)
     # rows that see no key: P = 0 and lse = -inf, with finite gradients (no softmax of all -inf)
     row_empty = torch.isneginf(s).all(-1, keepdim=True)
     s = s.masked_fill(row_empty, 0.0)
@@ -139,15 +146,7 @@ def _dense_backward(dout, q, k, v, out, bias, alibi_slopes, key_padding_mask, sc
     group = H // Hkv
     ke = k.repeat_interleave(group, dim=1) if group > 1 else k
     ve = v.repeat_interleave(group, dim=1) if group > 1 else v
-    s = torch.matmul(q, ke.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias.to(s.dtype)
-    if alibi_slopes is not None:
-        s = s + alibi_bias(alibi_slopes.to(torch.float32), Nq, Nk, bottom_right).to(s.dtype)
-    visible = visibility_mask(Nq, Nk, window_left, window_right, bottom_right, q.device).expand(B, H, Nq, Nk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask.view(B, 1, 1, Nk)
-    s = s.masked_fill(~visible, float("-inf"))
+    s = _masked_scores(q, ke, bias, alibi_slopes, key_padding_mask, scale, window_left, window_right, bottom_right)
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # rows that see no key
     dp = torch.matmul(dout, ve.transpose(-1, -2))
