@@ -116,77 +116,83 @@ def _saved_bytes(fn, params) -> int:
     return sum(seen.values())
 
 
+def _cases_for(device: torch.device, T: int, H: int, inter: int, dtype: torch.dtype) -> List[Case]:
+    # one function scope per shape: the timed closures must not see a later iteration's tensors
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(T, H, device=device, generator=gen).to(dtype)
+    w_gate_up = (torch.randn(2 * inter, H, device=device, generator=gen) / H ** 0.5).to(dtype)
+    w_gate, w_up = w_gate_up[:inter].clone(), w_gate_up[inter:].clone()
+    w_down = (torch.randn(H, inter, device=device, generator=gen) / inter ** 0.5).to(dtype)
+    g = torch.randn(T, H, device=device, generator=gen).to(dtype)
+    peers = _peers(device, w_gate_up)
+    cfg = f"{T}x{H}x{inter}"
+    dname = str(dtype).replace("torch.", "")
+
+    def fwd(f):
+        def run():
+            with torch.no_grad():
+                return f(x, w_gate, w_up, w_down)
+        return run
+
+    cases = [Case("glu_ffn", "fwd", cfg, dname, {n: fwd(f) for n, f in peers.items()},
+                  work=6 * T * H * inter, unit="TFLOP/s")]
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w_gate_up, w_down)]
+    xg, wgug, wdg = leaves
+    wgg, wug = (t.detach().clone().requires_grad_() for t in (w_gate, w_up))
+    import pyattn.ops.glu as ops
+
+    def fb_pyattn():
+        xg.grad = wgug.grad = wdg.grad = None
+        ops.glu_ffn(xg, wgug, wdg).backward(g)
+
+    def fb_peer(f):
+        def run():
+            xg.grad = wgg.grad = wug.grad = wdg.grad = None
+            f(xg, wgg, wug, wdg).backward(g)
+        return run
+
+    impls = {"pyattn": fb_pyattn}
+    impls.update({n: fb_peer(f) for n, f in peers.items() if n != "pyattn"})
+    notes = {}
+    try:
+        fb_pyattn()  # warm up (builds the extension) before measuring memory
+        fb_peer(llama_mlp_eager)()
+        mb = 2.0 ** 20
+
+        def peak(fn):
+            xg.grad = wgug.grad = wdg.grad = wgg.grad = wug.grad = None  # gradients count as new memory
+            return f"{_peak_bytes(fn, device) / mb:.1f}"
+
+        notes["peak_mem_MB_pyattn"] = peak(fb_pyattn)
+        notes["peak_mem_MB_eager"] = peak(fb_peer(llama_mlp_eager))
+        if "liger" in peers:
+            notes["peak_mem_MB_liger"] = peak(fb_peer(peers["liger"]))
+        params = [xg, wgug, wdg, wgg, wug]
+        notes["saved_MB_pyattn"] = f"{_saved_bytes(lambda: ops.glu_ffn(xg, wgug, wdg), params) / mb:.1f}"
+        notes["saved_MB_eager"] = \
+            f"{_saved_bytes(lambda: llama_mlp_eager(xg, wgg, wug, wdg), params) / mb:.1f}"
+        xg.grad = wgug.grad = wdg.grad = wgg.grad = wug.grad = None
+    except Exception as exc:  # memory notes are best effort
+        notes["peak_mem_error"] = f"{type(exc).__name__}: {exc}"[:120]
+    cases.append(Case("glu_ffn", "fwd+bwd", cfg, dname, impls, work=18 * T * H * inter, unit="TFLOP/s",
+                      notes=notes))
+    return cases
+
+
+SHAPES = [(4096, 1024, 2816)]  # tokens x hidden x intermediate
+GPU_EXTRA_SHAPES = [(4096, 4096, 11008)]
+
+
 @suite("glu")
 def glu_cases(device: torch.device, quick: bool) -> List[Case]:
-    shapes = [(4096, 1024, 2816)]
+    shapes = list(SHAPES)
     if device.type == "cuda":
-        shapes.append((4096, 4096, 11008))
+        shapes += GPU_EXTRA_SHAPES
         dtypes = [torch.bfloat16]
     else:
         # bf16 GEMMs run ~4x slower than fp32 on CPUs without AMX/AVX512-BF16: opt in
         dtypes = [torch.float32] + ([torch.bfloat16] if os.environ.get("PYATTN_BENCH_CPU_BF16") == "1" else [])
     if quick:
         shapes, dtypes = shapes[:1], dtypes[:1]
-    cases = []
-    for dtype in dtypes:
-        for T, H, inter in shapes:
-            gen = torch.Generator(device).manual_seed(0)
-            x = torch.randn(T, H, device=device, generator=gen).to(dtype)
-            w_gate_up = (torch.randn(2 * inter, H, device=device, generator=gen) / H ** 0.5).to(dtype)
-            w_gate, w_up = w_gate_up[:inter].clone(), w_gate_up[inter:].clone()
-            w_down = (torch.randn(H, inter, device=device, generator=gen) / inter ** 0.5).to(dtype)
-            g = torch.randn(T, H, device=device, generator=gen).to(dtype)
-            peers = _peers(device, w_gate_up)
-            cfg = f"{T}x{H}x{inter}"
-            dname = str(dtype).replace("torch.", "")
-
-            def fwd(f):
-                def run():
-                    with torch.no_grad():
-                        return f(x, w_gate, w_up, w_down)
-                return run
-
-            cases.append(Case("glu_ffn", "fwd", cfg, dname, {n: fwd(f) for n, f in peers.items()},
-                              work=6 * T * H * inter, unit="TFLOP/s"))
-
-            leaves = [t.detach().clone().requires_grad_() for t in (x, w_gate_up, w_down)]
-            xg, wgug, wdg = leaves
-            wgg, wug = (t.detach().clone().requires_grad_() for t in (w_gate, w_up))
-            import pyattn.ops.glu as ops
-
-            def fb_pyattn():
-                xg.grad = wgug.grad = wdg.grad = None
-                ops.glu_ffn(xg, wgug, wdg).backward(g)
-
-            def fb_peer(f):
-                def run():
-                    xg.grad = wgg.grad = wug.grad = wdg.grad = None
-                    f(xg, wgg, wug, wdg).backward(g)
-                return run
-
-            impls = {"pyattn": fb_pyattn}
-            impls.update({n: fb_peer(f) for n, f in peers.items() if n != "pyattn"})
-            notes = {}
-            try:
-                fb_pyattn()  # warm up (builds the extension) before measuring memory
-                fb_peer(llama_mlp_eager)()
-                mb = 2.0 ** 20
-
-                def peak(fn):
-                    xg.grad = wgug.grad = wdg.grad = wgg.grad = wug.grad = None  # gradients count as new memory
-                    return f"{_peak_bytes(fn, device) / mb:.1f}"
-
-                notes["peak_mem_MB_pyattn"] = peak(fb_pyattn)
-                notes["peak_mem_MB_eager"] = peak(fb_peer(llama_mlp_eager))
-                if "liger" in peers:
-                    notes["peak_mem_MB_liger"] = peak(fb_peer(peers["liger"]))
-                params = [xg, wgug, wdg, wgg, wug]
-                notes["saved_MB_pyattn"] = f"{_saved_bytes(lambda: ops.glu_ffn(xg, wgug, wdg), params) / mb:.1f}"
-                notes["saved_MB_eager"] = \
-                    f"{_saved_bytes(lambda: llama_mlp_eager(xg, wgg, wug, wdg), params) / mb:.1f}"
-                xg.grad = wgug.grad = wdg.grad = wgg.grad = wug.grad = None
-            except Exception as exc:  # memory notes are best effort
-                notes["peak_mem_error"] = f"{type(exc).__name__}: {exc}"[:120]
-            cases.append(Case("glu_ffn", "fwd+bwd", cfg, dname, impls, work=18 * T * H * inter, unit="TFLOP/s",
-                              notes=notes))
-    return cases
+    return [case for dtype in dtypes for T, H, inter in shapes for case in _cases_for(device, T, H, inter, dtype)]

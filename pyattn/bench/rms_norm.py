@@ -46,33 +46,35 @@ def _peers(device):
     return peers
 
 
+SHAPES = [(4096, 1024), (4096, 4096), (8192, 4096)]  # rows x hidden
+
+
+def _cases_for(device: torch.device, M: int, N: int, dtype: torch.dtype) -> List[Case]:
+    # one function scope per shape: the timed closures must not see a later iteration's tensors
+    x = torch.randn(M, N, device=device, dtype=dtype)
+    w = torch.randn(N, device=device, dtype=dtype)
+    g = torch.randn(M, N, device=device, dtype=dtype)
+    elt = x.element_size()
+    peers = _peers(device)
+    dname = str(dtype).replace("torch.", "")
+    fwd = {name: (lambda f=f: f(x, w, 1e-6)) for name, f in peers.items()}
+    xg = x.detach().clone().requires_grad_()
+    wg = w.detach().clone().requires_grad_()
+
+    def fwd_bwd(f):
+        def run():
+            xg.grad = None
+            wg.grad = None
+            f(xg, wg, 1e-6).backward(g)
+        return run
+
+    return [Case("rms_norm", "fwd", f"{M}x{N}", dname, fwd, work=2 * M * N * elt, unit="GB/s"),
+            Case("rms_norm", "fwd+bwd", f"{M}x{N}", dname, {name: fwd_bwd(f) for name, f in peers.items()},
+                 work=5 * M * N * elt, unit="GB/s")]
+
+
 @suite("rms_norm")
 def rms_norm_cases(device: torch.device, quick: bool) -> List[Case]:
-    shapes = [(4096, 1024), (4096, 4096), (8192, 4096)]
     dtypes = [torch.float32] if device.type == "cpu" else [torch.bfloat16, torch.float32]
-    if quick:
-        shapes = [(4096, 1024)]
-    cases = []
-    for dtype in dtypes:
-        for M, N in shapes:
-            x = torch.randn(M, N, device=device, dtype=dtype)
-            w = torch.randn(N, device=device, dtype=dtype)
-            g = torch.randn(M, N, device=device, dtype=dtype)
-            elt = x.element_size()
-            peers = _peers(device)
-            fwd = {name: (lambda f=f: f(x, w, 1e-6)) for name, f in peers.items()}
-            cases.append(Case("rms_norm", "fwd", f"{M}x{N}", str(dtype).replace("torch.", ""), fwd,
-                              work=2 * M * N * elt, unit="GB/s"))
-            xg = x.detach().clone().requires_grad_()
-            wg = w.detach().clone().requires_grad_()
-
-            def fwd_bwd(f):
-                def run():
-                    xg.grad = None
-                    wg.grad = None
-                    f(xg, wg, 1e-6).backward(g)
-                return run
-
-            cases.append(Case("rms_norm", "fwd+bwd", f"{M}x{N}", str(dtype).replace("torch.", ""),
-                              {name: fwd_bwd(f) for name, f in peers.items()}, work=5 * M * N * elt, unit="GB/s"))
-    return cases
+    shapes = SHAPES[:1] if quick else SHAPES
+    return [case for dtype in dtypes for M, N in shapes for case in _cases_for(device, M, N, dtype)]
