@@ -67,6 +67,12 @@ def test_residual(backend, dtype):
     _run_case(backend, (3, 7, 130), dtype, with_residual=True)
 
 
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_large_fp32_output_cpu(with_weight):
+    # outputs of 8 MiB and more take the cpu backend's huge-page, streaming-store path
+    _run_case("cpu", (2048, 1024), torch.float32, with_weight=with_weight, with_residual=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_residual_wide_rows_and_no_weight(backend):
     _run_case(backend, (3, 9000), torch.float32, with_weight=False, with_residual=True)

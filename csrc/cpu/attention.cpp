@@ -37,6 +37,7 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+#include "cpu/alloc.h"
 
 namespace pyattn_cpu_attention {
 
@@ -725,7 +726,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
                         scale, window_left, window_right, bottom_right, dropout_p,
                         dropout_threshold, seed);
   const Params& p = st.p;
-  at::Tensor out32 = at::empty({p.B, p.H, p.NqT, p.D}, q.options().dtype(at::kFloat));
+  at::Tensor out32 = pyattn_cpu::empty_output({p.B, p.H, p.NqT, p.D}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({p.B, p.H, p.NqT}, q.options().dtype(at::kFloat));
   if (p.NqT == 0 || p.D == 0) {
     out32.zero_();
@@ -788,11 +789,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   if (base_tasks < 2 * nthr) C = std::min(max_nkb, (2 * nthr + base_tasks - 1) / base_tasks);
   C = std::max<int64_t>(C, 1);
 
-  at::Tensor dqbuf = at::zeros({C, p.B, p.H, p.NqT, p.D}, fopt);
-  at::Tensor dk32 = at::zeros({p.B, p.Hkv, p.NkT, p.D}, fopt);
-  at::Tensor dv32 = at::zeros({p.B, p.Hkv, p.NkT, p.D}, fopt);
+  at::Tensor dqbuf = pyattn_cpu::zeros_output({C, p.B, p.H, p.NqT, p.D}, fopt);
+  at::Tensor dk32 = pyattn_cpu::zeros_output({p.B, p.Hkv, p.NkT, p.D}, fopt);
+  at::Tensor dv32 = pyattn_cpu::zeros_output({p.B, p.Hkv, p.NkT, p.D}, fopt);
   at::Tensor dbias;
-  if (bias_requires_grad) dbias = at::zeros({p.B, p.H, p.NqT, p.NkT}, fopt);
+  if (bias_requires_grad) dbias = pyattn_cpu::zeros_output({p.B, p.H, p.NqT, p.NkT}, fopt);
   else dbias = at::empty({0}, fopt);
 
   if (p.NqT > 0 && p.NkT > 0 && p.D > 0) {

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu/vec_utils.h"
+#include "cpu/alloc.h"
 
 namespace pyattn_cpu {
 namespace {
@@ -199,7 +200,7 @@ at::Tensor glu_fwd(const at::Tensor& gate_in, const at::Tensor& up_in, int64_t a
   TORCH_CHECK(gate_in.dim() == 2, "glu_fwd: gate must be 2-D, got ", gate_in.sizes());
   auto gate = unit_col(gate_in) ? gate_in : gate_in.contiguous();
   auto up = up_in.dim() == 2 && unit_col(up_in) ? up_in : up_in.contiguous();
-  auto out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = empty_output(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
   glu_fwd_out(gate, up, activation, out);
   return out;
 }
@@ -236,8 +237,8 @@ std::tuple<at::Tensor, at::Tensor> glu_bwd(const at::Tensor& dout_in, const at::
   auto up = up_in.dim() == 2 && unit_col(up_in) ? up_in : up_in.contiguous();
   auto dout = dout_in.dim() == 2 && unit_col(dout_in) ? dout_in : dout_in.contiguous();
   auto opts = gate.options().memory_format(at::MemoryFormat::Contiguous);
-  auto dgate = at::empty(gate.sizes(), opts);
-  auto dup = at::empty(gate.sizes(), opts);
+  auto dgate = empty_output(gate.sizes(), opts);
+  auto dup = empty_output(gate.sizes(), opts);
   // dout is only read (store_h = false)
   glu_bwd_out(dout, gate, up, activation, dgate, dup, false);
   return {dgate, dup};

@@ -10,15 +10,20 @@
 #include <vector>
 
 #include "cpu/vec_utils.h"
+#include "cpu/alloc.h"
 
 namespace pyattn_cpu {
 namespace {
 
 // Rows handled per weight-gradient partial sum: a function of M only (deterministic).
 inline int64_t rows_per_chunk(int64_t M) { return std::max<int64_t>(8, (M + 63) / 64); }
+// fp32 outputs of M x N that are written with streaming stores (large, vector-aligned rows).
+inline bool should_stream(const float* out, int64_t M, int64_t N) {
+  return M * N * int64_t(sizeof(float)) >= kStreamingStoreBytes && can_stream(out, N);
+}
 inline int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)); }
 
-template <typename T, bool kResidual, bool kWeight>
+template <typename T, bool kResidual, bool kWeight, bool kStream>
 void rms_norm_fwd_kernel(const T* x, int64_t sx, const T* res, int64_t sr, const float* w, T* y, T* h,
                          float* rstd, int64_t M, int64_t N, float eps) {
   at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
@@ -43,17 +48,24 @@ void rms_norm_fwd_kernel(const T* x, int64_t sx, const T* res, int64_t sr, const
       rstd[row] = r;
       const fVec vr(r);
       float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(y + row * N) : buf.data();
-      if constexpr (kWeight) {
+      if constexpr (kStream) {
+        for (int64_t i = 0; i < N; i += fVec::size()) {
+          fVec v = fVec::loadu(hf + i) * vr;
+          if constexpr (kWeight) v = v * fVec::loadu(w + i);
+          stream_store(out + i, v);
+        }
+      } else if constexpr (kWeight) {
         at::vec::map2<float>([vr](fVec a, fVec b) { return a * vr * b; }, out, hf, w, N);
       } else {
         at::vec::map<float>([vr](fVec a) { return a * vr; }, out, hf, N);
       }
       if constexpr (!std::is_same_v<T, float>) from_float(buf.data(), y + row * N, N);
     }
+    if constexpr (kStream) stream_fence();
   });
 }
 
-template <typename T, bool kWeight, bool kDh>
+template <typename T, bool kWeight, bool kDh, bool kStream>
 void rms_norm_bwd_kernel(const T* dy, int64_t sdy, const T* x, int64_t sx, const float* w, const float* rstd,
                          const T* dh, int64_t sdh, T* dx, float* dw_part, int64_t M, int64_t N) {
   constexpr bool kF32 = std::is_same_v<T, float>;
@@ -108,11 +120,13 @@ void rms_norm_bwd_kernel(const T* dy, int64_t sdy, const T* x, int64_t sx, const
           if constexpr (kWeight) gw = gw * fVec::loadu(w + i, n);
           fVec d = (gw - fVec::loadu(xr + i, n) * vk) * vr;
           if constexpr (kDh) d = d + fVec::loadu(hr + i, n);
-          d.store(out + i, n);
+          if constexpr (kStream) stream_store(out + i, d);
+          else d.store(out + i, n);
         }
         if constexpr (!kF32) from_float(ob.data(), dx + row * N, N);
       }
     }
+    if constexpr (kStream) stream_fence();
   });
 }
 
@@ -133,10 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
                                                             const std::optional<at::Tensor>& residual, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm_fwd: x must be 2-D with unit column stride");
   const int64_t M = x.size(0), N = x.size(1);
-  auto y = at::empty({M, N}, x.options());
+  auto y = empty_output({M, N}, x.options());
   auto rstd = at::empty({M}, x.options().dtype(at::kFloat));
   const bool has_res = residual.has_value();
-  auto h = has_res ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
+  auto h = has_res ? empty_output({M, N}, x.options()) : at::empty({0}, x.options());
   if (M == 0 || N == 0) return {y, h, rstd.fill_(1.f / std::sqrt(float(eps)))};
   at::Tensor w;
   if (weight.has_value()) w = weight->to(at::kFloat).contiguous();
@@ -148,9 +162,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
     const int64_t sr = has_res ? residual->stride(0) : 0;
     const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
     auto run = [&](auto kRes, auto kW) {
-      rms_norm_fwd_kernel<T, decltype(kRes)::value, decltype(kW)::value>(
-          xp, x.stride(0), rp, sr, wp, y.data_ptr<T>(), has_res ? h.data_ptr<T>() : nullptr, rstd.data_ptr<float>(), M,
-          N, float(eps));
+      auto launch = [&](auto kStream) {
+        rms_norm_fwd_kernel<T, decltype(kRes)::value, decltype(kW)::value, decltype(kStream)::value>(
+            xp, x.stride(0), rp, sr, wp, y.data_ptr<T>(), has_res ? h.data_ptr<T>() : nullptr,
+            rstd.data_ptr<float>(), M, N, float(eps));
+      };
+      if constexpr (std::is_same_v<T, float>) {
+        if (should_stream(y.data_ptr<float>(), M, N)) return launch(std::true_type{});
+      }
+      launch(std::false_type{});
     };
     if (has_res && wp) run(std::true_type{}, std::true_type{});
     else if (has_res) run(std::true_type{}, std::false_type{});
@@ -166,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   TORCH_CHECK(xin.dim() == 2 && xin.stride(1) == 1 && dy.sizes() == xin.sizes() && dy.stride(1) == 1,
               "rms_norm_bwd: dy/x layout");
   const int64_t M = xin.size(0), N = xin.size(1);
-  auto dx = at::empty({M, N}, xin.options());
+  auto dx = empty_output({M, N}, xin.options());
   const bool has_w = weight.has_value();
   const bool has_dh = dh.has_value();
   if (has_dh) TORCH_CHECK(dh->sizes() == xin.sizes() && dh->stride(1) == 1, "rms_norm_bwd: dh layout");
@@ -180,10 +200,16 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
     dispatch_float(xin.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       auto run = [&](auto kW, auto kDh) {
-        rms_norm_bwd_kernel<T, decltype(kW)::value, decltype(kDh)::value>(
-            dy.data_ptr<T>(), dy.stride(0), xin.data_ptr<T>(), xin.stride(0), has_w ? w.data_ptr<float>() : nullptr,
-            rs.data_ptr<float>(), has_dh ? dh->data_ptr<T>() : nullptr, has_dh ? dh->stride(0) : 0,
-            dx.data_ptr<T>(), has_w ? dw_part.data_ptr<float>() : nullptr, M, N);
+        auto launch = [&](auto kStream) {
+          rms_norm_bwd_kernel<T, decltype(kW)::value, decltype(kDh)::value, decltype(kStream)::value>(
+              dy.data_ptr<T>(), dy.stride(0), xin.data_ptr<T>(), xin.stride(0), has_w ? w.data_ptr<float>() : nullptr,
+              rs.data_ptr<float>(), has_dh ? dh->data_ptr<T>() : nullptr, has_dh ? dh->stride(0) : 0,
+              dx.data_ptr<T>(), has_w ? dw_part.data_ptr<float>() : nullptr, M, N);
+        };
+        if constexpr (std::is_same_v<T, float>) {
+          if (should_stream(dx.data_ptr<float>(), M, N)) return launch(std::true_type{});
+        }
+        launch(std::false_type{});
       };
       if (has_w && has_dh) run(std::true_type{}, std::true_type{});
       else if (has_w) run(std::true_type{}, std::false_type{});

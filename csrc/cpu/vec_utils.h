@@ -7,6 +7,9 @@
 
 #include <cstdint>
 #include <type_traits>
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace pyattn_cpu {
 
@@ -45,6 +48,33 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float s = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, acc0 + acc1);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// Outputs at least this large are written with streaming stores: they cannot stay in cache
+// anyway, and bypassing it saves the read-for-ownership of every written line.
+constexpr int64_t kStreamingStoreBytes = int64_t(8) << 20;
+
+// True when rows of n floats starting at p can be written with stream_store.
+inline bool can_stream(const float* p, int64_t n) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(fVec) == 0 && n % fVec::size() == 0;
+}
+
+// Store of a full vector to a vector-aligned address, bypassing the cache where the ISA allows.
+inline void stream_store(float* dst, const fVec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(dst, __m512(v));
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(dst, __m256(v));
+#else
+  v.store(dst);
+#endif
+}
+
+// Orders this thread's streaming stores before anything it does next (end of a parallel chunk).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace pyattn_cpu
