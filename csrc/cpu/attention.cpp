@@ -8,6 +8,9 @@
 //    dim must be unit-stride); fp16/bf16 inputs are converted to fp32 once on entry (O(N*D)), which
 //    on CPUs without AVX512-BF16/AMX is also the fastest way to feed the tile products.
 //  * Tile products go through the BLAS sgemm that libtorch_cpu links (MKL/OpenBLAS), see sgemm().
+//    Exception: the bf16 forward on CPUs with AVX512-BF16 multiplies bf16 tiles with ATen's
+//    brgemm micro-kernel (about twice the fp32 rate): K^T and V are packed once into VNNI pairs,
+//    the probabilities are rounded to bf16 for P.V as in GPU FlashAttention; accumulation is fp32.
 //  * ONE templated tile routine (score_tile) builds the masked score tile for both passes. The
 //    kernels are specialised at compile time on <bias dtype | none, alibi, key padding, dropout>;
 //    causal/window is a runtime band whose per-element masking only runs on blocks that straddle
@@ -23,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/native/TransposeType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -190,6 +194,15 @@ inline void apply_keep(float* row, int64_t n, uint32_t hrow, uint32_t j0, uint32
 // ------------------------------------------------------------------------------------------
 // problem description
 // ------------------------------------------------------------------------------------------
+// dst(rows x ld_dst, bf16) = src(rows x n, fp32, row stride ld_src), columns [n, ld_dst) zeroed
+inline void load_bf16_rows(const float* src, int64_t ld_src, int64_t rows, int64_t n, int64_t ld_dst,
+                           c10::BFloat16* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    at::vec::convert(src + r * ld_src, dst + r * ld_dst, n);
+    std::fill(dst + r * ld_dst + n, dst + (r + 1) * ld_dst, c10::BFloat16(0.f));
+  }
+}
+
 struct Seq {
   int64_t tb;   // batch index into the tensors (0 in varlen mode)
   int64_t lb;   // logical batch index "b" of the contract (sequence index in varlen mode)
@@ -218,7 +231,15 @@ struct Params {
   uint32_t thr = 0, seed = 0;
   // tile sizes (rows of the query block / key block) of the forward and backward passes
   int64_t fbq = 64, fbk = 256, bbq = 64, bbk = 128;
+  // bf16 forward tiles (kt_vnni != nullptr): per (sequence, kv head) slab at slab_off[seq * Hkv + hk],
+  // K^T as (Dp/2, nk_even, 2) and V as (nk_even/2, D, 2); Dp = D rounded up to even, zero padded
+  const c10::BFloat16* kt_vnni = nullptr;
+  const c10::BFloat16* v_vnni = nullptr;
+  const int64_t* slab_off = nullptr;
+  int64_t Dp = 0;
 };
+
+inline int64_t round_up_even(int64_t n) { return (n + 1) & ~int64_t(1); }
 
 inline float slope_of(const Params& p, const Seq& s, int64_t h) {
   const int64_t b = (p.sl_nb == 1) ? 0 : s.lb;
@@ -320,6 +341,8 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
   at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
     std::vector<float> Sbuf(p.fbq * p.fbk), Obuf(p.fbq * D), mbuf(p.fbq), lbuf(p.fbq);
     std::vector<float> padbuf(PAD ? max_nk : 0);
+    const bool bf = p.kt_vnni != nullptr;
+    std::vector<c10::BFloat16> Qh(bf ? p.fbq * p.Dp : 0), Ph(bf ? p.fbq * round_up_even(p.fbk) : 0);
     float* S = Sbuf.data();
     float* O = Obuf.data();
     float* m = mbuf.data();
@@ -340,6 +363,13 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
       int64_t lo = 0, hi = s.nk;  // key range [lo, hi)
       if (p.wl >= 0) lo = std::max<int64_t>(lo, i0 + s.off - p.wl);
       if (p.wr >= 0) hi = std::min<int64_t>(hi, i0 + bq - 1 + s.off + p.wr + 1);
+      int64_t slab = 0, nk_even = 0;
+      if (bf) {
+        lo &= ~int64_t(1);  // VNNI pairs start at even keys; the extra key is masked by the band
+        slab = p.slab_off[it.seq * p.Hkv + hk];
+        nk_even = round_up_even(s.nk);
+        load_bf16_rows(qp, p.q_sn, bq, D, p.Dp, Qh.data());
+      }
 
       std::fill(m, m + bq, kNegInf);
       std::fill(l, l + bq, 0.f);
@@ -355,9 +385,16 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
       for (int64_t j0 = lo; j0 < hi; j0 += p.fbk) {
         const int64_t bk = std::min(p.fbk, hi - j0);
         const int64_t ldS = bk;
-        // S^T(bk x bq, col-major) = K(bk x D) . Q^T
-        sgemm(TransposeType::Transpose, TransposeType::NoTranspose, bk, bq, D, p.scale,
-              kp + j0 * p.k_sn, p.k_sn, qp, p.q_sn, 0.f, S, ldS);
+        if (bf) {
+          // S(bq x bk) = Q(bq x Dp) . K^T(Dp x bk), then the scale
+          at::native::cpublas::brgemm(bq, bk, p.Dp, p.Dp, nk_even, ldS, false, Qh.data(),
+                                      p.kt_vnni + slab + 2 * j0, S, true);
+          for (int64_t r = 0; r < bq; ++r) scale_row(S + r * ldS, bk, p.scale);
+        } else {
+          // S^T(bk x bq, col-major) = K(bk x D) . Q^T
+          sgemm(TransposeType::Transpose, TransposeType::NoTranspose, bk, bq, D, p.scale,
+                kp + j0 * p.k_sn, p.k_sn, qp, p.q_sn, 0.f, S, ldS);
+        }
         const bool band = !tile_inside_band(p, s, i0, bq, j0, bk);
         score_tile<bias_t, ALIBI, PAD>(p, s, h, S, ldS, i0, bq, j0, bk, band,
                                        PAD ? padbuf.data() + (j0 - lo) : nullptr, slope);
@@ -382,9 +419,17 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
                        static_cast<uint32_t>(j0), p.thr, 1.f);
           }
         }
-        // O^T(D x bq) += V^T(D x bk) . P^T(bk x bq)
-        sgemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, bq, bk, 1.f,
-              vp + j0 * p.v_sn, p.v_sn, S, ldS, 1.f, O, D);
+        if (bf) {
+          // O(bq x D) += bf16(P)(bq x bk_even) . V(bk_even x D)
+          const int64_t bke = round_up_even(bk);
+          load_bf16_rows(S, ldS, bq, bk, bke, Ph.data());
+          at::native::cpublas::brgemm(bq, D, bke, bke, D, D, true, Ph.data(), p.v_vnni + slab + j0 * D, O,
+                                      true);
+        } else {
+          // O^T(D x bq) += V^T(D x bk) . P^T(bk x bq)
+          sgemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, bq, bk, 1.f,
+                vp + j0 * p.v_sn, p.v_sn, S, ldS, 1.f, O, D);
+        }
       }
       for (int64_t r = 0; r < bq; ++r) {
         float* orow = op + r * D;
@@ -402,6 +447,7 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
         }
       }
     }
+    if (bf) at::native::cpublas::brgemm_release(true);
   });
 }
 
@@ -597,7 +643,62 @@ struct Setup {
   Params p;
   std::vector<Seq> seqs;
   at::Tensor q32, k32, v32, bias_t, slopes_t, kpm_t;  // keep alive
+  at::Tensor kt_vnni, v_vnni;
+  std::vector<int64_t> slab_off;
 };
+
+// True when the bf16 forward should use bf16 tile products: the CPU multiplies bf16 pairs
+// natively (AVX512-BF16). PYATTN_CPU_ATTN_BF16=0 turns it off (fp32 tiles, as on other CPUs).
+bool bf16_tiles_enabled() {
+  if (const char* env = std::getenv("PYATTN_CPU_ATTN_BF16")) {
+    if (env[0] == '0') return false;
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool hw = __builtin_cpu_supports("avx512bf16");
+  return hw;
+#else
+  return false;
+#endif
+}
+
+// Packs K^T and V of every (sequence, kv head) into the VNNI slabs described in Params.
+void pack_kv_bf16(Setup& st) {
+  Params& p = st.p;
+  const int64_t D = p.D, Dp = round_up_even(p.D), Hkv = p.Hkv;
+  const int64_t nslab = static_cast<int64_t>(st.seqs.size()) * Hkv;
+  st.slab_off.assign(nslab + 1, 0);
+  for (int64_t i = 0; i < nslab; ++i)
+    st.slab_off[i + 1] = st.slab_off[i] + round_up_even(st.seqs[i / Hkv].nk) * Dp;
+  auto opt = at::TensorOptions().dtype(at::kBFloat16);
+  st.kt_vnni = at::empty({st.slab_off[nslab]}, opt);
+  st.v_vnni = at::empty({st.slab_off[nslab]}, opt);
+  c10::BFloat16* kt = st.kt_vnni.data_ptr<c10::BFloat16>();
+  c10::BFloat16* vv = st.v_vnni.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, nslab, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Seq& s = st.seqs[i / Hkv];
+      const int64_t hk = i % Hkv, nke = round_up_even(s.nk);
+      const float* kp = p.k + s.tb * p.k_sb + hk * p.k_sh + s.k0 * p.k_sn;
+      const float* vp = p.v + s.tb * p.v_sb + hk * p.v_sh + s.k0 * p.v_sn;
+      c10::BFloat16* kd = kt + st.slab_off[i];
+      c10::BFloat16* vd = vv + st.slab_off[i];
+      for (int64_t j = 0; j < nke; ++j) {
+        for (int64_t d = 0; d < Dp; ++d) {
+          const float x = (j < s.nk && d < D) ? kp[j * p.k_sn + d] : 0.f;
+          kd[(d >> 1) * 2 * nke + 2 * j + (d & 1)] = c10::BFloat16(x);
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = j < s.nk ? vp[j * p.v_sn + d] : 0.f;
+          vd[(j >> 1) * 2 * D + 2 * d + (j & 1)] = c10::BFloat16(x);
+        }
+      }
+    }
+  });
+  p.kt_vnni = kt;
+  p.v_vnni = vv;
+  p.slab_off = st.slab_off.data();
+  p.Dp = Dp;
+}
 
 Setup make_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& alibi,
@@ -733,6 +834,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out32.to(q.scalar_type()), lse};
   }
+  if (q.scalar_type() == at::kBFloat16 && bf16_tiles_enabled()) pack_kv_bf16(st);
   // work items: (sequence, query block), later query blocks first: under causal masking they
   // carry the most keys, and dynamic scheduling works best largest-first
   std::vector<QItem> items;
