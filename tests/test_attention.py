@@ -105,6 +105,13 @@ def test_cpu_bf16_tile_paths(monkeypatch, tiles, D):
     check_attention("cpu", q, k, v)
 
 
+def test_cpu_bf16_without_onednn():
+    skip_unless_backend("cpu")
+    q, k, v = make_inputs(B=1, H=2, Nq=70, Nk=90, D=64, dtype=torch.bfloat16)
+    with torch.backends.mkldnn.flags(enabled=False):
+        check_attention("cpu", q, k, v, causal=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_strided_bnhd_layout(backend, dtype):
     q, k, v = make_inputs(B=2, H=3, Nq=33, Nk=40, dtype=dtype, layout="bnhd")

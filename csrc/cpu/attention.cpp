@@ -648,11 +648,14 @@ struct Setup {
 };
 
 // True when the bf16 forward should use bf16 tile products: the CPU multiplies bf16 pairs
-// natively (AVX512-BF16). PYATTN_CPU_ATTN_BF16=0 turns it off (fp32 tiles, as on other CPUs).
+// natively (AVX512-BF16) and oneDNN is enabled. PYATTN_CPU_ATTN_BF16=0 turns it off (fp32 tiles,
+// as on other CPUs).
 bool bf16_tiles_enabled() {
   if (const char* env = std::getenv("PYATTN_CPU_ATTN_BF16")) {
     if (env[0] == '0') return false;
   }
+  // ATen's bf16 brgemm runs on oneDNN, which torch.backends.mkldnn.enabled = False switches off
+  if (!at::globalContext().userEnabledMkldnn()) return false;
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool hw = __builtin_cpu_supports("avx512bf16");
   return hw;
