@@ -8,9 +8,11 @@
 //    dim must be unit-stride); fp16/bf16 inputs are converted to fp32 once on entry (O(N*D)), which
 //    on CPUs without AVX512-BF16/AMX is also the fastest way to feed the tile products.
 //  * Tile products go through the BLAS sgemm that libtorch_cpu links (MKL/OpenBLAS), see sgemm().
-//    Exception: the bf16 forward on CPUs with AVX512-BF16 multiplies bf16 tiles with ATen's
-//    brgemm micro-kernel (about twice the fp32 rate): K^T and V are packed once into VNNI pairs,
-//    the probabilities are rounded to bf16 for P.V as in GPU FlashAttention; accumulation is fp32.
+//    The forward on AVX512 CPUs uses ATen's oneDNN brgemm micro-kernel instead (10-15% faster than
+//    sgemm on attention tiles), with K^T packed once per call. For bf16 inputs on CPUs with
+//    AVX512-BF16 the tiles themselves are bf16 (about twice the fp32 rate): K^T and V are packed
+//    into VNNI pairs and the probabilities are rounded to bf16 for P.V, as in GPU FlashAttention;
+//    accumulation stays fp32.
 //  * ONE templated tile routine (score_tile) builds the masked score tile for both passes. The
 //    kernels are specialised at compile time on <bias dtype | none, alibi, key padding, dropout>;
 //    causal/window is a runtime band whose per-element masking only runs on blocks that straddle
@@ -23,6 +25,7 @@
 //    buffer of its class c (c < C, C = 1 unless more parallelism is needed), reduced at the end in
 //    a fixed order -> deterministic for a given thread count, no atomics, no races.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -231,8 +234,11 @@ struct Params {
   uint32_t thr = 0, seed = 0;
   // tile sizes (rows of the query block / key block) of the forward and backward passes
   int64_t fbq = 64, fbk = 256, bbq = 64, bbk = 128;
-  // bf16 forward tiles (kt_vnni != nullptr): per (sequence, kv head) slab at slab_off[seq * Hkv + hk],
-  // K^T as (Dp/2, nk_even, 2) and V as (nk_even/2, D, 2); Dp = D rounded up to even, zero padded
+  // brgemm forward tiles. Per (sequence, kv head) slab at slab_off[seq * Hkv + hk]:
+  //  fp32 (kt_f32 != nullptr): K^T as (D, nk_even);
+  //  bf16 (kt_vnni != nullptr): K^T as (Dp/2, nk_even, 2) and V as (nk_even/2, D, 2) VNNI pairs,
+  //  Dp = D rounded up to even, zero padded
+  const float* kt_f32 = nullptr;
   const c10::BFloat16* kt_vnni = nullptr;
   const c10::BFloat16* v_vnni = nullptr;
   const int64_t* slab_off = nullptr;
@@ -342,6 +348,7 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
     std::vector<float> Sbuf(p.fbq * p.fbk), Obuf(p.fbq * D), mbuf(p.fbq), lbuf(p.fbq);
     std::vector<float> padbuf(PAD ? max_nk : 0);
     const bool bf = p.kt_vnni != nullptr;
+    const bool f32b = p.kt_f32 != nullptr;
     std::vector<c10::BFloat16> Qh(bf ? p.fbq * p.Dp : 0), Ph(bf ? p.fbq * round_up_even(p.fbk) : 0);
     float* S = Sbuf.data();
     float* O = Obuf.data();
@@ -364,10 +371,12 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
       if (p.wl >= 0) lo = std::max<int64_t>(lo, i0 + s.off - p.wl);
       if (p.wr >= 0) hi = std::min<int64_t>(hi, i0 + bq - 1 + s.off + p.wr + 1);
       int64_t slab = 0, nk_even = 0;
-      if (bf) {
-        lo &= ~int64_t(1);  // VNNI pairs start at even keys; the extra key is masked by the band
+      if (bf || f32b) {
         slab = p.slab_off[it.seq * p.Hkv + hk];
         nk_even = round_up_even(s.nk);
+      }
+      if (bf) {
+        lo &= ~int64_t(1);  // VNNI pairs start at even keys; the extra key is masked by the band
         load_bf16_rows(qp, p.q_sn, bq, D, p.Dp, Qh.data());
       }
 
@@ -389,6 +398,11 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
           // S(bq x bk) = Q(bq x Dp) . K^T(Dp x bk), then the scale
           at::native::cpublas::brgemm(bq, bk, p.Dp, p.Dp, nk_even, ldS, false, Qh.data(),
                                       p.kt_vnni + slab + 2 * j0, S, true);
+          for (int64_t r = 0; r < bq; ++r) scale_row(S + r * ldS, bk, p.scale);
+        } else if (f32b) {
+          // S(bq x bk) = Q(bq x D) . K^T(D x bk), then the scale
+          at::native::cpublas::brgemm(bq, bk, D, p.q_sn, nk_even, ldS, false, qp, p.kt_f32 + slab + j0, S,
+                                      false);
           for (int64_t r = 0; r < bq; ++r) scale_row(S + r * ldS, bk, p.scale);
         } else {
           // S^T(bk x bq, col-major) = K(bk x D) . Q^T
@@ -425,6 +439,9 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
           load_bf16_rows(S, ldS, bq, bk, bke, Ph.data());
           at::native::cpublas::brgemm(bq, D, bke, bke, D, D, true, Ph.data(), p.v_vnni + slab + j0 * D, O,
                                       true);
+        } else if (f32b) {
+          // O(bq x D) += P(bq x bk) . V(bk x D)
+          at::native::cpublas::brgemm(bq, D, bk, ldS, p.v_sn, D, true, S, vp + j0 * p.v_sn, O, false);
         } else {
           // O^T(D x bq) += V^T(D x bk) . P^T(bk x bq)
           sgemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, bq, bk, 1.f,
@@ -447,7 +464,7 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
         }
       }
     }
-    if (bf) at::native::cpublas::brgemm_release(true);
+    if (bf || f32b) at::native::cpublas::brgemm_release(bf);
   });
 }
 
@@ -643,35 +660,67 @@ struct Setup {
   Params p;
   std::vector<Seq> seqs;
   at::Tensor q32, k32, v32, bias_t, slopes_t, kpm_t;  // keep alive
-  at::Tensor kt_vnni, v_vnni;
+  at::Tensor kt_f32, kt_vnni, v_vnni;
   std::vector<int64_t> slab_off;
 };
 
-// True when the bf16 forward should use bf16 tile products: the CPU multiplies bf16 pairs
-// natively (AVX512-BF16) and oneDNN is enabled. PYATTN_CPU_ATTN_BF16=0 turns it off (fp32 tiles,
-// as on other CPUs).
-bool bf16_tiles_enabled() {
-  if (const char* env = std::getenv("PYATTN_CPU_ATTN_BF16")) {
-    if (env[0] == '0') return false;
+// Tile products of the forward: BLAS sgemm, fp32 brgemm, or bf16 brgemm (see the file comment).
+// PYATTN_CPU_ATTN_BRGEMM=0 forces sgemm (the path of CPUs without AVX512).
+enum class FwdTiles { kSgemm, kBrgemmF32, kBrgemmBF16 };
+
+FwdTiles forward_tiles(at::ScalarType dtype) {
+  if (const char* env = std::getenv("PYATTN_CPU_ATTN_BRGEMM")) {
+    if (env[0] == '0') return FwdTiles::kSgemm;
   }
-  // ATen's bf16 brgemm runs on oneDNN, which torch.backends.mkldnn.enabled = False switches off
-  if (!at::globalContext().userEnabledMkldnn()) return false;
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool hw = __builtin_cpu_supports("avx512bf16");
-  return hw;
+  // ATen's brgemm runs on oneDNN, which torch.backends.mkldnn.enabled = False switches off
+  if (!at::globalContext().userEnabledMkldnn()) return FwdTiles::kSgemm;
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
+  return (dtype == at::kBFloat16 && has_bf16) ? FwdTiles::kBrgemmBF16 : FwdTiles::kBrgemmF32;
 #else
-  return false;
+  (void)dtype;
+  return FwdTiles::kSgemm;
 #endif
 }
 
-// Packs K^T and V of every (sequence, kv head) into the VNNI slabs described in Params.
-void pack_kv_bf16(Setup& st) {
-  Params& p = st.p;
-  const int64_t D = p.D, Dp = round_up_even(p.D), Hkv = p.Hkv;
+// Slab offsets (element units) of the packed K/V buffers: one slab per (sequence, kv head).
+void plan_slabs(Setup& st) {
+  const int64_t Dp = round_up_even(st.p.D), Hkv = st.p.Hkv;
   const int64_t nslab = static_cast<int64_t>(st.seqs.size()) * Hkv;
   st.slab_off.assign(nslab + 1, 0);
   for (int64_t i = 0; i < nslab; ++i)
     st.slab_off[i + 1] = st.slab_off[i] + round_up_even(st.seqs[i / Hkv].nk) * Dp;
+  st.p.slab_off = st.slab_off.data();
+  st.p.Dp = Dp;
+}
+
+// Packs K^T of every (sequence, kv head) into fp32 (D, nk_even) slabs.
+void pack_kt_f32(Setup& st) {
+  plan_slabs(st);
+  Params& p = st.p;
+  const int64_t D = p.D, Hkv = p.Hkv;
+  const int64_t nslab = static_cast<int64_t>(st.seqs.size()) * Hkv;
+  st.kt_f32 = at::empty({st.slab_off[nslab]}, at::TensorOptions().dtype(at::kFloat));
+  float* kt = st.kt_f32.data_ptr<float>();
+  at::parallel_for(0, nslab, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Seq& s = st.seqs[i / Hkv];
+      const int64_t nke = round_up_even(s.nk);
+      const float* kp = p.k + s.tb * p.k_sb + (i % Hkv) * p.k_sh + s.k0 * p.k_sn;
+      float* kd = kt + st.slab_off[i];
+      for (int64_t j = 0; j < nke; ++j)
+        for (int64_t d = 0; d < D; ++d) kd[d * nke + j] = j < s.nk ? kp[j * p.k_sn + d] : 0.f;
+    }
+  });
+  p.kt_f32 = kt;
+}
+
+// Packs K^T and V of every (sequence, kv head) into the VNNI slabs described in Params.
+void pack_kv_bf16(Setup& st) {
+  plan_slabs(st);
+  Params& p = st.p;
+  const int64_t D = p.D, Dp = p.Dp, Hkv = p.Hkv;
+  const int64_t nslab = static_cast<int64_t>(st.seqs.size()) * Hkv;
   auto opt = at::TensorOptions().dtype(at::kBFloat16);
   st.kt_vnni = at::empty({st.slab_off[nslab]}, opt);
   st.v_vnni = at::empty({st.slab_off[nslab]}, opt);
@@ -699,8 +748,6 @@ void pack_kv_bf16(Setup& st) {
   });
   p.kt_vnni = kt;
   p.v_vnni = vv;
-  p.slab_off = st.slab_off.data();
-  p.Dp = Dp;
 }
 
 Setup make_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -837,7 +884,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out32.to(q.scalar_type()), lse};
   }
-  if (q.scalar_type() == at::kBFloat16 && bf16_tiles_enabled()) pack_kv_bf16(st);
+  switch (forward_tiles(q.scalar_type())) {
+    case FwdTiles::kBrgemmBF16: pack_kv_bf16(st); break;
+    case FwdTiles::kBrgemmF32: pack_kt_f32(st); break;
+    case FwdTiles::kSgemm: break;
+  }
   // work items: (sequence, query block), later query blocks first: under causal masking they
   // carry the most keys, and dynamic scheduling works best largest-first
   std::vector<QItem> items;
