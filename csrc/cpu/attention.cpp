@@ -197,12 +197,38 @@ inline void apply_keep(float* row, int64_t n, uint32_t hrow, uint32_t j0, uint32
 // ------------------------------------------------------------------------------------------
 // problem description
 // ------------------------------------------------------------------------------------------
+inline int64_t round_up_even(int64_t n) { return (n + 1) & ~int64_t(1); }
+
 // dst(rows x ld_dst, bf16) = src(rows x n, fp32, row stride ld_src), columns [n, ld_dst) zeroed
 inline void load_bf16_rows(const float* src, int64_t ld_src, int64_t rows, int64_t n, int64_t ld_dst,
                            c10::BFloat16* dst) {
   for (int64_t r = 0; r < rows; ++r) {
     at::vec::convert(src + r * ld_src, dst + r * ld_dst, n);
     std::fill(dst + r * ld_dst + n, dst + (r + 1) * ld_dst, c10::BFloat16(0.f));
+  }
+}
+
+// dst = bf16 VNNI pairs along rows of src(rows x n): dst[(r/2)][c][r%2], rows [rows, rows_even) zeroed
+inline void load_bf16_row_pairs(const float* src, int64_t ld_src, int64_t rows, int64_t n, c10::BFloat16* dst) {
+  const int64_t re = round_up_even(rows);
+  for (int64_t r = 0; r < re; ++r) {
+    c10::BFloat16* d = dst + (r >> 1) * 2 * n + (r & 1);
+    if (r < rows) {
+      const float* x = src + r * ld_src;
+      for (int64_t c = 0; c < n; ++c) d[2 * c] = c10::BFloat16(x[c]);
+    } else {
+      for (int64_t c = 0; c < n; ++c) d[2 * c] = c10::BFloat16(0.f);
+    }
+  }
+}
+
+// dst(n x ld_dst, bf16) = a * src(rows x n)^T, columns [rows, ld_dst) zeroed
+inline void load_bf16_transposed(const float* src, int64_t ld_src, int64_t rows, int64_t n, float a, int64_t ld_dst,
+                                 c10::BFloat16* dst) {
+  for (int64_t c = 0; c < n; ++c) {
+    c10::BFloat16* d = dst + c * ld_dst;
+    for (int64_t r = 0; r < rows; ++r) d[r] = c10::BFloat16(a * src[r * ld_src + c]);
+    std::fill(d + rows, d + ld_dst, c10::BFloat16(0.f));
   }
 }
 
@@ -241,11 +267,14 @@ struct Params {
   const float* kt_f32 = nullptr;
   const c10::BFloat16* kt_vnni = nullptr;
   const c10::BFloat16* v_vnni = nullptr;
+  // bf16 backward (kt_vnni, vt_vnni, k_vnni != nullptr): also V^T as (Dp/2, nk_even, 2) and
+  // K as (nk_even/2, D, 2)
+  const c10::BFloat16* vt_vnni = nullptr;
+  const c10::BFloat16* k_vnni = nullptr;
   const int64_t* slab_off = nullptr;
   int64_t Dp = 0;
 };
 
-inline int64_t round_up_even(int64_t n) { return (n + 1) & ~int64_t(1); }
 
 inline float slope_of(const Params& p, const Seq& s, int64_t h) {
   const int64_t b = (p.sl_nb == 1) ? 0 : s.lb;
@@ -499,6 +528,12 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
     std::vector<float> Sbuf(p.bbq * p.bbk), dPbuf(p.bbq * p.bbk), padbuf(p.bbk);
     float* S = Sbuf.data();
     float* dP = dPbuf.data();
+    // bf16 tiles: Q and dO rows (A operands), Q and dO in pairs along rows (B operands of dK, dV),
+    // P^T and scale * dS^T (A operands of dV, dK), scale * dS (A operand of dQ)
+    const bool bf = p.kt_vnni != nullptr;
+    const int64_t bqe = round_up_even(p.bbq), bke = round_up_even(p.bbk);
+    std::vector<c10::BFloat16> Qh(bf ? p.bbq * p.Dp : 0), dOh(bf ? p.bbq * p.Dp : 0), Qv(bf ? bqe * D : 0),
+        dOv(bf ? bqe * D : 0), Pt(bf ? p.bbk * bqe : 0), dSt(bf ? p.bbk * bqe : 0), dSs(bf ? p.bbq * bke : 0);
     for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) {
       const int64_t c = t % C;
       const int64_t hk = (t / C) % p.Hkv;
@@ -508,6 +543,8 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
       const float* vbase = p.v + s.tb * p.v_sb + hk * p.v_sh + s.k0 * p.v_sn;
       float* dkbase = g.dk + ((s.tb * p.Hkv + hk) * p.NkT + s.k0) * D;
       float* dvbase = g.dv + ((s.tb * p.Hkv + hk) * p.NkT + s.k0) * D;
+      const int64_t slab = bf ? p.slab_off[(t / (C * p.Hkv)) * p.Hkv + hk] : 0;
+      const int64_t nk_even = round_up_even(s.nk);
       for (int64_t kb = c; kb < nkb; kb += C) {
         const int64_t j0 = kb * p.bbk;
         const int64_t bk = std::min(p.bbk, s.nk - j0);
@@ -537,14 +574,28 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
             const float* dlp = g.delta + rowbase + i0;
             float* dqp = g.dq + c * dq_cstride + (rowbase + i0) * D;
 
-            sgemm(TransposeType::Transpose, TransposeType::NoTranspose, bk, bq, D, p.scale, kp,
-                  p.k_sn, qp, p.q_sn, 0.f, S, ldS);
+            if (bf) {
+              // S(bq x bk) = Q . K^T, dP(bq x bk) = dO . V^T
+              load_bf16_rows(qp, p.q_sn, bq, D, p.Dp, Qh.data());
+              load_bf16_rows(dop, g.do_sn, bq, D, p.Dp, dOh.data());
+              at::native::cpublas::brgemm(bq, bk, p.Dp, p.Dp, nk_even, ldS, false, Qh.data(),
+                                          p.kt_vnni + slab + 2 * j0, S, true);
+              for (int64_t r = 0; r < bq; ++r) scale_row(S + r * ldS, bk, p.scale);
+            } else {
+              sgemm(TransposeType::Transpose, TransposeType::NoTranspose, bk, bq, D, p.scale, kp,
+                    p.k_sn, qp, p.q_sn, 0.f, S, ldS);
+            }
             const bool band = !tile_inside_band(p, s, i0, bq, j0, bk);
             score_tile<bias_t, ALIBI, PAD>(p, s, h, S, ldS, i0, bq, j0, bk, band,
                                            PAD ? padbuf.data() : nullptr, slope);
-            // dPd^T(bk x bq) = V(bk x D) . dO^T
-            sgemm(TransposeType::Transpose, TransposeType::NoTranspose, bk, bq, D, 1.f, vp,
-                  p.v_sn, dop, g.do_sn, 0.f, dP, ldS);
+            if (bf) {
+              at::native::cpublas::brgemm(bq, bk, p.Dp, p.Dp, nk_even, ldS, false, dOh.data(),
+                                          p.vt_vnni + slab + 2 * j0, dP, true);
+            } else {
+              // dPd^T(bk x bq) = V(bk x D) . dO^T
+              sgemm(TransposeType::Transpose, TransposeType::NoTranspose, bk, bq, D, 1.f, vp,
+                    p.v_sn, dop, g.do_sn, 0.f, dP, ldS);
+            }
             for (int64_t r = 0; r < bq; ++r) {
               float* prow = S + r * ldS;
               float* drow = dP + r * ldS;
@@ -583,15 +634,33 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
                 }
               }
             }
-            // dV^T(D x bk) += dO^T(D x bq) . Pd(bq x bk)
-            sgemm(TransposeType::NoTranspose, TransposeType::Transpose, D, bk, bq, 1.f, dop,
-                  g.do_sn, S, ldS, 1.f, dvp, D);
-            // dK^T(D x bk) += scale * Q^T(D x bq) . dS(bq x bk)
-            sgemm(TransposeType::NoTranspose, TransposeType::Transpose, D, bk, bq, p.scale, qp,
-                  p.q_sn, dP, ldS, 1.f, dkp, D);
-            // dQ^T(D x bq) += scale * K^T(D x bk) . dS^T(bk x bq)
-            sgemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, bq, bk, p.scale, kp,
-                  p.k_sn, dP, ldS, 1.f, dqp, D);
+            if (bf) {
+              const int64_t bq_e = round_up_even(bq), bk_e = round_up_even(bk);
+              load_bf16_row_pairs(qp, p.q_sn, bq, D, Qv.data());
+              load_bf16_row_pairs(dop, g.do_sn, bq, D, dOv.data());
+              load_bf16_transposed(S, ldS, bq, bk, 1.f, bq_e, Pt.data());
+              load_bf16_transposed(dP, ldS, bq, bk, p.scale, bq_e, dSt.data());
+              for (int64_t r = 0; r < bq; ++r) {
+                c10::BFloat16* d = dSs.data() + r * bk_e;
+                for (int64_t cc = 0; cc < bk; ++cc) d[cc] = c10::BFloat16(p.scale * dP[r * ldS + cc]);
+                if (bk_e > bk) d[bk] = c10::BFloat16(0.f);
+              }
+              // dV(bk x D) += Pd^T . dO; dK(bk x D) += scale * dS^T . Q; dQ(bq x D) += scale * dS . K
+              at::native::cpublas::brgemm(bk, D, bq_e, bq_e, D, D, true, Pt.data(), dOv.data(), dvp, true);
+              at::native::cpublas::brgemm(bk, D, bq_e, bq_e, D, D, true, dSt.data(), Qv.data(), dkp, true);
+              at::native::cpublas::brgemm(bq, D, bk_e, bk_e, D, D, true, dSs.data(), p.k_vnni + slab + j0 * D,
+                                          dqp, true);
+            } else {
+              // dV^T(D x bk) += dO^T(D x bq) . Pd(bq x bk)
+              sgemm(TransposeType::NoTranspose, TransposeType::Transpose, D, bk, bq, 1.f, dop,
+                    g.do_sn, S, ldS, 1.f, dvp, D);
+              // dK^T(D x bk) += scale * Q^T(D x bq) . dS(bq x bk)
+              sgemm(TransposeType::NoTranspose, TransposeType::Transpose, D, bk, bq, p.scale, qp,
+                    p.q_sn, dP, ldS, 1.f, dkp, D);
+              // dQ^T(D x bq) += scale * K^T(D x bk) . dS^T(bk x bq)
+              sgemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, bq, bk, p.scale, kp,
+                    p.k_sn, dP, ldS, 1.f, dqp, D);
+            }
             if (g.dbias) {
               float* db = g.dbias + (rowbase + i0) * p.NkT + j0;  // varlen never has bias
               for (int64_t r = 0; r < bq; ++r)
@@ -601,6 +670,7 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
         }
       }
     }
+    if (bf) at::native::cpublas::brgemm_release(true);
   });
 }
 
@@ -660,7 +730,7 @@ struct Setup {
   Params p;
   std::vector<Seq> seqs;
   at::Tensor q32, k32, v32, bias_t, slopes_t, kpm_t;  // keep alive
-  at::Tensor kt_f32, kt_vnni, v_vnni;
+  at::Tensor kt_f32, kt_vnni, v_vnni, vt_vnni, k_vnni;
   std::vector<int64_t> slab_off;
 };
 
@@ -716,38 +786,54 @@ void pack_kt_f32(Setup& st) {
 }
 
 // Packs K^T and V of every (sequence, kv head) into the VNNI slabs described in Params.
-void pack_kv_bf16(Setup& st) {
-  plan_slabs(st);
-  Params& p = st.p;
+// VNNI layouts of a (rows x D) operand per slab: pairs along D give the B operand of X . M^T
+// ((Dp/2, rows_even, 2)); pairs along rows give the B operand of Y . M ((rows_even/2, D, 2)).
+enum class Pairs { kAlongD, kAlongRows };
+
+// Packs the key-side tensor `base` (strides sb, sh, sn; rows of the sequence's keys) of every
+// (sequence, kv head) into bf16 VNNI slabs; returns the buffer (kept alive by `keep`).
+const c10::BFloat16* pack_bf16_slabs(const Setup& st, const float* base, int64_t sb, int64_t sh, int64_t sn,
+                                     Pairs pairs, at::Tensor& keep) {
+  const Params& p = st.p;
   const int64_t D = p.D, Dp = p.Dp, Hkv = p.Hkv;
   const int64_t nslab = static_cast<int64_t>(st.seqs.size()) * Hkv;
-  auto opt = at::TensorOptions().dtype(at::kBFloat16);
-  st.kt_vnni = at::empty({st.slab_off[nslab]}, opt);
-  st.v_vnni = at::empty({st.slab_off[nslab]}, opt);
-  c10::BFloat16* kt = st.kt_vnni.data_ptr<c10::BFloat16>();
-  c10::BFloat16* vv = st.v_vnni.data_ptr<c10::BFloat16>();
+  keep = at::empty({st.slab_off[nslab]}, at::TensorOptions().dtype(at::kBFloat16));
+  c10::BFloat16* out = keep.data_ptr<c10::BFloat16>();
   at::parallel_for(0, nslab, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Seq& s = st.seqs[i / Hkv];
-      const int64_t hk = i % Hkv, nke = round_up_even(s.nk);
-      const float* kp = p.k + s.tb * p.k_sb + hk * p.k_sh + s.k0 * p.k_sn;
-      const float* vp = p.v + s.tb * p.v_sb + hk * p.v_sh + s.k0 * p.v_sn;
-      c10::BFloat16* kd = kt + st.slab_off[i];
-      c10::BFloat16* vd = vv + st.slab_off[i];
+      const int64_t nke = round_up_even(s.nk);
+      const float* src = base + s.tb * sb + (i % Hkv) * sh + s.k0 * sn;
+      c10::BFloat16* dst = out + st.slab_off[i];
       for (int64_t j = 0; j < nke; ++j) {
-        for (int64_t d = 0; d < Dp; ++d) {
-          const float x = (j < s.nk && d < D) ? kp[j * p.k_sn + d] : 0.f;
-          kd[(d >> 1) * 2 * nke + 2 * j + (d & 1)] = c10::BFloat16(x);
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          const float x = j < s.nk ? vp[j * p.v_sn + d] : 0.f;
-          vd[(j >> 1) * 2 * D + 2 * d + (j & 1)] = c10::BFloat16(x);
+        if (pairs == Pairs::kAlongD) {
+          for (int64_t d = 0; d < Dp; ++d)
+            dst[(d >> 1) * 2 * nke + 2 * j + (d & 1)] = c10::BFloat16((j < s.nk && d < D) ? src[j * sn + d] : 0.f);
+        } else {
+          for (int64_t d = 0; d < D; ++d)
+            dst[(j >> 1) * 2 * D + 2 * d + (j & 1)] = c10::BFloat16(j < s.nk ? src[j * sn + d] : 0.f);
         }
       }
     }
   });
-  p.kt_vnni = kt;
-  p.v_vnni = vv;
+  return out;
+}
+
+// Forward operands: K^T (pairs along D) and V (pairs along keys).
+void pack_kv_bf16(Setup& st) {
+  plan_slabs(st);
+  Params& p = st.p;
+  p.kt_vnni = pack_bf16_slabs(st, p.k, p.k_sb, p.k_sh, p.k_sn, Pairs::kAlongD, st.kt_vnni);
+  p.v_vnni = pack_bf16_slabs(st, p.v, p.v_sb, p.v_sh, p.v_sn, Pairs::kAlongRows, st.v_vnni);
+}
+
+// Backward operands: K^T and V^T (pairs along D) for S and dP, K (pairs along keys) for dQ.
+void pack_kv_bf16_backward(Setup& st) {
+  plan_slabs(st);
+  Params& p = st.p;
+  p.kt_vnni = pack_bf16_slabs(st, p.k, p.k_sb, p.k_sh, p.k_sn, Pairs::kAlongD, st.kt_vnni);
+  p.vt_vnni = pack_bf16_slabs(st, p.v, p.v_sb, p.v_sh, p.v_sn, Pairs::kAlongD, st.vt_vnni);
+  p.k_vnni = pack_bf16_slabs(st, p.k, p.k_sb, p.k_sh, p.k_sn, Pairs::kAlongRows, st.k_vnni);
 }
 
 Setup make_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -858,7 +944,8 @@ Setup make_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (const char* env = std::getenv("PYATTN_CPU_ATTN_BLOCKS")) {  // tuning hook: "fbq,fbk,bbq,bbk"
     long a = 0, b = 0, c = 0, d = 0;
     if (std::sscanf(env, "%ld,%ld,%ld,%ld", &a, &b, &c, &d) == 4 && a > 0 && b > 0 && c > 0 && d > 0) {
-      p.fbq = a; p.fbk = b; p.bbq = c; p.bbk = d;
+      // key block sizes stay even: the bf16 tiles address keys in VNNI pairs
+      p.fbq = a; p.fbk = round_up_even(b); p.bbq = c; p.bbk = round_up_even(d);
     }
   }
   return st;
@@ -931,6 +1018,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                         scale, window_left, window_right, bottom_right, dropout_p,
                         dropout_threshold, seed);
   const Params& p = st.p;
+  if (forward_tiles(q.scalar_type()) == FwdTiles::kBrgemmBF16) pack_kv_bf16_backward(st);
   const auto fopt = q.options().dtype(at::kFloat);
   at::Tensor do32 = as_f32(dout);
   at::Tensor lse32 = lse.to(at::kFloat).contiguous();
