@@ -106,6 +106,7 @@ def test_cpu_forward_tile_paths(monkeypatch, tiles, D, dtype):
     check_attention("cpu", q, k, v)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 def test_cpu_bf16_without_onednn():
     skip_unless_backend("cpu")
     q, k, v = make_inputs(B=1, H=2, Nq=70, Nk=90, D=64, dtype=torch.bfloat16)
