@@ -93,7 +93,7 @@ def test_masks_combined(backend):
 
 
 @pytest.mark.parametrize("tiles", ["default", "sgemm"])
-@pytest.mark.parametrize("D", [64, 111])
+@pytest.mark.parametrize("D", [1, 64, 111, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_forward_tile_paths(monkeypatch, tiles, D, dtype):
     # the cpu forward's tile products: brgemm (bf16 tiles where the CPU has AVX512-BF16) or sgemm
