@@ -1,4 +1,4 @@
-"""FlashAttention-2 in Triton: the attention engine of pyattn (see spec/attention_contract.md).
+"""FlashAttention-2 in Triton: the attention engine of pyattn (semantics: pyattn/reference/attention.py).
 
 One forward kernel and one backward pair (dk/dv over key blocks, dq over query blocks; no atomics,
 deterministic) share one score routine, specialised by ``tl.constexpr`` feature flags

@@ -1,6 +1,6 @@
 // pyattn CPU attention engine: FlashAttention-2 style forward and backward.
 //
-// Semantics: /work/spec/attention_contract.md (scores, band/causal/window, alibi, bias,
+// Semantics: pyattn/reference/attention.py (scores, band/causal/window, alibi, bias,
 // key padding, varlen, dropout hash, lse convention, backward formulas).
 //
 // Design

@@ -1,5 +1,5 @@
 // Fused softmax attention on the GPU (plain CUDA, no torch headers), FlashAttention-2 structure.
-// Semantics: spec/attention_contract.md (scores, visibility, dropout hash, lse, backward formulas).
+// Semantics: pyattn/reference/attention.py (scores, visibility, dropout hash, lse, backward formulas).
 //
 // Forward  : one CTA per (query block of BR rows, head, batch-or-sequence). The CTA walks the key blocks
 //            of its band [i0+off-left, i1+off+right] (blocks outside are never touched) with an online
