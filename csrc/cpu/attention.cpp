@@ -208,26 +208,29 @@ inline void load_bf16_rows(const float* src, int64_t ld_src, int64_t rows, int64
   }
 }
 
-// dst = bf16 VNNI pairs along rows of src(rows x n): dst[(r/2)][c][r%2], rows [rows, rows_even) zeroed
-inline void load_bf16_row_pairs(const float* src, int64_t ld_src, int64_t rows, int64_t n, c10::BFloat16* dst) {
-  const int64_t re = round_up_even(rows);
-  for (int64_t r = 0; r < re; ++r) {
-    c10::BFloat16* d = dst + (r >> 1) * 2 * n + (r & 1);
-    if (r < rows) {
-      const float* x = src + r * ld_src;
-      for (int64_t c = 0; c < n; ++c) d[2 * c] = c10::BFloat16(x[c]);
+// dst = VNNI pairs of the rows of src (rows x n bf16, row stride ld_src): dst[r/2][c][r%2];
+// the partner of an odd last row is zero
+inline void pair_rows_bf16(const c10::BFloat16* src, int64_t ld_src, int64_t rows, int64_t n, c10::BFloat16* dst) {
+  const auto* s16 = reinterpret_cast<const uint16_t*>(src);
+  auto* d32 = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t r = 0; r < rows; r += 2) {
+    const uint16_t* a = s16 + r * ld_src;
+    uint32_t* o = d32 + (r >> 1) * n;
+    if (r + 1 < rows) {
+      const uint16_t* b = a + ld_src;
+      for (int64_t c = 0; c < n; ++c) o[c] = uint32_t(a[c]) | (uint32_t(b[c]) << 16);
     } else {
-      for (int64_t c = 0; c < n; ++c) d[2 * c] = c10::BFloat16(0.f);
+      for (int64_t c = 0; c < n; ++c) o[c] = uint32_t(a[c]);
     }
   }
 }
 
-// dst(n x ld_dst, bf16) = a * src(rows x n)^T, columns [rows, ld_dst) zeroed
-inline void load_bf16_transposed(const float* src, int64_t ld_src, int64_t rows, int64_t n, float a, int64_t ld_dst,
+// dst(n x ld_dst, bf16) = src(rows x n, fp32)^T, columns [rows, ld_dst) zeroed
+inline void load_bf16_transposed(const float* src, int64_t ld_src, int64_t rows, int64_t n, int64_t ld_dst,
                                  c10::BFloat16* dst) {
   for (int64_t c = 0; c < n; ++c) {
     c10::BFloat16* d = dst + c * ld_dst;
-    for (int64_t r = 0; r < rows; ++r) d[r] = c10::BFloat16(a * src[r * ld_src + c]);
+    for (int64_t r = 0; r < rows; ++r) d[r] = c10::BFloat16(src[r * ld_src + c]);
     std::fill(d + rows, d + ld_dst, c10::BFloat16(0.f));
   }
 }
@@ -528,12 +531,16 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
     std::vector<float> Sbuf(p.bbq * p.bbk), dPbuf(p.bbq * p.bbk), padbuf(p.bbk);
     float* S = Sbuf.data();
     float* dP = dPbuf.data();
-    // bf16 tiles: Q and dO rows (A operands), Q and dO in pairs along rows (B operands of dK, dV),
-    // P^T and scale * dS^T (A operands of dV, dK), scale * dS (A operand of dQ)
+    // bf16 tiles. dK and dV are accumulated transposed, dK^T += Q^T . dS and dV^T += dO^T . Pd, so
+    // that the (bq x bk) tiles only need row conversions and row pairing, never a transpose:
+    //  Qh, dOh: Q and dO rows (A of S and dP); QT, dOT: Q^T and dO^T (A of dK^T, dV^T);
+    //  Pb, Pv: Pd rows and their VNNI row pairs (B of dV^T); dSs, dSv: scale * dS rows (A of dQ)
+    //  and their row pairs (B of dK^T); dKt, dVt: the (D x bk) fp32 accumulators of a key block
     const bool bf = p.kt_vnni != nullptr;
     const int64_t bqe = round_up_even(p.bbq), bke = round_up_even(p.bbk);
-    std::vector<c10::BFloat16> Qh(bf ? p.bbq * p.Dp : 0), dOh(bf ? p.bbq * p.Dp : 0), Qv(bf ? bqe * D : 0),
-        dOv(bf ? bqe * D : 0), Pt(bf ? p.bbk * bqe : 0), dSt(bf ? p.bbk * bqe : 0), dSs(bf ? p.bbq * bke : 0);
+    const size_t nq_h = bf ? p.bbq * p.Dp : 0, nqt = bf ? D * bqe : 0, ntile = bf ? bqe * bke : 0;
+    std::vector<c10::BFloat16> Qh(nq_h), dOh(nq_h), QT(nqt), dOT(nqt), Pb(ntile), Pv(ntile), dSs(ntile), dSv(ntile);
+    std::vector<float> dKt(bf ? D * p.bbk : 0), dVt(bf ? D * p.bbk : 0), srow(bf ? p.bbk : 0);
     for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) {
       const int64_t c = t % C;
       const int64_t hk = (t / C) % p.Hkv;
@@ -558,6 +565,10 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
         if (p.wl >= 0) ihi = std::min<int64_t>(ihi, j0 + bk - 1 - s.off + p.wl + 1);
         if (ilo >= ihi) continue;
         if constexpr (PAD) fill_padadd(p, s, j0, bk, padbuf.data());
+        if (bf) {
+          std::fill(dKt.begin(), dKt.begin() + D * bk, 0.f);
+          std::fill(dVt.begin(), dVt.begin() + D * bk, 0.f);
+        }
 
         for (int64_t gi = 0; gi < G; ++gi) {
           const int64_t h = hk * G + gi;
@@ -636,18 +647,19 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
             }
             if (bf) {
               const int64_t bq_e = round_up_even(bq), bk_e = round_up_even(bk);
-              load_bf16_row_pairs(qp, p.q_sn, bq, D, Qv.data());
-              load_bf16_row_pairs(dop, g.do_sn, bq, D, dOv.data());
-              load_bf16_transposed(S, ldS, bq, bk, 1.f, bq_e, Pt.data());
-              load_bf16_transposed(dP, ldS, bq, bk, p.scale, bq_e, dSt.data());
+              load_bf16_transposed(qp, p.q_sn, bq, D, bq_e, QT.data());
+              load_bf16_transposed(dop, g.do_sn, bq, D, bq_e, dOT.data());
+              load_bf16_rows(S, ldS, bq, bk, bk, Pb.data());
+              pair_rows_bf16(Pb.data(), bk, bq, bk, Pv.data());
+              const fVec vs(p.scale);
               for (int64_t r = 0; r < bq; ++r) {
-                c10::BFloat16* d = dSs.data() + r * bk_e;
-                for (int64_t cc = 0; cc < bk; ++cc) d[cc] = c10::BFloat16(p.scale * dP[r * ldS + cc]);
-                if (bk_e > bk) d[bk] = c10::BFloat16(0.f);
+                at::vec::map([vs](fVec x) { return x * vs; }, srow.data(), dP + r * ldS, bk);
+                load_bf16_rows(srow.data(), bk, 1, bk, bk_e, dSs.data() + r * bk_e);
               }
-              // dV(bk x D) += Pd^T . dO; dK(bk x D) += scale * dS^T . Q; dQ(bq x D) += scale * dS . K
-              at::native::cpublas::brgemm(bk, D, bq_e, bq_e, D, D, true, Pt.data(), dOv.data(), dvp, true);
-              at::native::cpublas::brgemm(bk, D, bq_e, bq_e, D, D, true, dSt.data(), Qv.data(), dkp, true);
+              pair_rows_bf16(dSs.data(), bk_e, bq, bk, dSv.data());
+              // dV^T(D x bk) += dO^T . Pd; dK^T(D x bk) += Q^T . (scale dS); dQ(bq x D) += (scale dS) . K
+              at::native::cpublas::brgemm(D, bk, bq_e, bq_e, bk, bk, true, dOT.data(), Pv.data(), dVt.data(), true);
+              at::native::cpublas::brgemm(D, bk, bq_e, bq_e, bk, bk, true, QT.data(), dSv.data(), dKt.data(), true);
               at::native::cpublas::brgemm(bq, D, bk_e, bk_e, D, D, true, dSs.data(), p.k_vnni + slab + j0 * D,
                                           dqp, true);
             } else {
@@ -667,6 +679,13 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
                 std::copy(dP + r * ldS, dP + r * ldS + bk, db + r * p.NkT);
             }
           }
+        }
+        if (bf) {  // dK, dV (bk x D) += the transposed accumulators
+          for (int64_t j = 0; j < bk; ++j)
+            for (int64_t d = 0; d < D; ++d) {
+              dkp[j * D + d] += dKt[d * bk + j];
+              dvp[j * D + d] += dVt[d * bk + j];
+            }
         }
       }
     }
