@@ -92,18 +92,20 @@ def test_masks_combined(backend):
     check_attention(backend, q, k, v, causal=True, window=(16, None), key_padding_mask=kpm, bias=bias)
 
 
-@pytest.mark.parametrize("tiles", ["default", "sgemm"])
+@pytest.mark.parametrize("tiles", ["default", "sgemm", "brgemm"])
 @pytest.mark.parametrize("D", [1, 64, 111, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_forward_tile_paths(monkeypatch, tiles, D, dtype):
     # the cpu forward's tile products: brgemm (bf16 tiles where the CPU has AVX512-BF16) or sgemm
     skip_unless_backend("cpu")
-    if tiles == "sgemm":
-        monkeypatch.setenv("PYATTN_CPU_ATTN_BRGEMM", "0")
+    if tiles != "default":
+        monkeypatch.setenv("PYATTN_CPU_ATTN_BRGEMM", "0" if tiles == "sgemm" else "1")
     q, k, v = make_inputs(B=2, H=4, Hkv=2, Nq=301, Nk=333, D=D, dtype=dtype)
     kpm = (torch.rand(2, 333, generator=torch.Generator().manual_seed(3)) > 0.25).to(DEVICE)
     check_attention("cpu", q, k, v, causal=True, window=(97, None), key_padding_mask=kpm, dropout_p=0.2)
     check_attention("cpu", q, k, v)
+    q, k, v = make_inputs(B=2, H=4, Hkv=2, Nq=7, Nk=19, D=D, dtype=dtype)  # decode-size: few query rows
+    check_attention("cpu", q, k, v, causal=True, key_padding_mask=kpm[:, :19])
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")

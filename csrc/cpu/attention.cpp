@@ -754,13 +754,24 @@ struct Setup {
 };
 
 // Tile products of the forward: BLAS sgemm, fp32 brgemm, or bf16 brgemm (see the file comment).
-// PYATTN_CPU_ATTN_BRGEMM=0 forces sgemm (the path of CPUs without AVX512).
+// PYATTN_CPU_ATTN_BRGEMM=0 forces sgemm (the path of CPUs without AVX512), =1 uses brgemm even for
+// few query rows (tests).
 enum class FwdTiles { kSgemm, kBrgemmF32, kBrgemmBF16 };
 
-FwdTiles forward_tiles(at::ScalarType dtype) {
-  if (const char* env = std::getenv("PYATTN_CPU_ATTN_BRGEMM")) {
-    if (env[0] == '0') return FwdTiles::kSgemm;
-  }
+// Query rows per kv head (GQA group x longest query sequence) below which packing K/V for brgemm
+// costs more than it saves (decoding: one query per sequence).
+constexpr int64_t kMinBrgemmRows = 128;
+
+int64_t query_rows_per_kv_head(const Setup& st) {
+  int64_t max_nq = 0;
+  for (const auto& s : st.seqs) max_nq = std::max(max_nq, s.nq);
+  return max_nq * (st.p.H / st.p.Hkv);
+}
+
+FwdTiles forward_tiles(at::ScalarType dtype, int64_t rows_per_kv_head) {
+  const char* env = std::getenv("PYATTN_CPU_ATTN_BRGEMM");  // "0": never, "1": whatever the size
+  if (env != nullptr && env[0] == '0') return FwdTiles::kSgemm;
+  if (rows_per_kv_head < kMinBrgemmRows && !(env != nullptr && env[0] == '1')) return FwdTiles::kSgemm;
   // ATen's brgemm runs on oneDNN, which torch.backends.mkldnn.enabled = False switches off
   if (!at::globalContext().userEnabledMkldnn()) return FwdTiles::kSgemm;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
@@ -771,6 +782,8 @@ FwdTiles forward_tiles(at::ScalarType dtype) {
   return FwdTiles::kSgemm;
 #endif
 }
+
+constexpr int64_t kPackBlock = 16;
 
 // Slab offsets (element units) of the packed K/V buffers: one slab per (sequence, kv head).
 void plan_slabs(Setup& st) {
@@ -797,8 +810,12 @@ void pack_kt_f32(Setup& st) {
       const int64_t nke = round_up_even(s.nk);
       const float* kp = p.k + s.tb * p.k_sb + (i % Hkv) * p.k_sh + s.k0 * p.k_sn;
       float* kd = kt + st.slab_off[i];
-      for (int64_t j = 0; j < nke; ++j)
-        for (int64_t d = 0; d < D; ++d) kd[d * nke + j] = j < s.nk ? kp[j * p.k_sn + d] : 0.f;
+      // blocked transpose: both the reads and the writes of a block stay within a few cache lines
+      for (int64_t j0 = 0; j0 < nke; j0 += kPackBlock)
+        for (int64_t d0 = 0; d0 < D; d0 += kPackBlock)
+          for (int64_t d = d0; d < std::min(D, d0 + kPackBlock); ++d)
+            for (int64_t j = j0; j < std::min(nke, j0 + kPackBlock); ++j)
+              kd[d * nke + j] = j < s.nk ? kp[j * p.k_sn + d] : 0.f;
     }
   });
   p.kt_f32 = kt;
@@ -819,18 +836,26 @@ const c10::BFloat16* pack_bf16_slabs(const Setup& st, const float* base, int64_t
   keep = at::empty({st.slab_off[nslab]}, at::TensorOptions().dtype(at::kBFloat16));
   c10::BFloat16* out = keep.data_ptr<c10::BFloat16>();
   at::parallel_for(0, nslab, 1, [&](int64_t begin, int64_t end) {
+    std::vector<c10::BFloat16> tmp(2 * kPackBlock * Dp);
     for (int64_t i = begin; i < end; ++i) {
       const Seq& s = st.seqs[i / Hkv];
       const int64_t nke = round_up_even(s.nk);
       const float* src = base + s.tb * sb + (i % Hkv) * sh + s.k0 * sn;
       c10::BFloat16* dst = out + st.slab_off[i];
-      for (int64_t j = 0; j < nke; ++j) {
+      // blocks of rows converted with vector code into tmp (rows x Dp bf16, zero padded), then
+      // placed as 32-bit words: (row, d-pair) words transposed for kAlongD, row pairs for kAlongRows
+      for (int64_t j0 = 0; j0 < nke; j0 += 2 * kPackBlock) {
+        const int64_t rows = std::min(2 * kPackBlock, nke - j0);
+        const int64_t valid = std::max<int64_t>(0, std::min(rows, s.nk - j0));
+        load_bf16_rows(src + j0 * sn, sn, valid, D, Dp, tmp.data());
+        std::fill(tmp.begin() + valid * Dp, tmp.begin() + rows * Dp, c10::BFloat16(0.f));
         if (pairs == Pairs::kAlongD) {
-          for (int64_t d = 0; d < Dp; ++d)
-            dst[(d >> 1) * 2 * nke + 2 * j + (d & 1)] = c10::BFloat16((j < s.nk && d < D) ? src[j * sn + d] : 0.f);
+          const auto* t32 = reinterpret_cast<const uint32_t*>(tmp.data());
+          auto* d32 = reinterpret_cast<uint32_t*>(dst);
+          for (int64_t d2 = 0; d2 < Dp / 2; ++d2)
+            for (int64_t j = 0; j < rows; ++j) d32[d2 * nke + j0 + j] = t32[j * (Dp / 2) + d2];
         } else {
-          for (int64_t d = 0; d < D; ++d)
-            dst[(j >> 1) * 2 * D + 2 * d + (j & 1)] = c10::BFloat16(j < s.nk ? src[j * sn + d] : 0.f);
+          pair_rows_bf16(tmp.data(), Dp, rows, D, dst + j0 * D);
         }
       }
     }
@@ -990,7 +1015,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out32.to(q.scalar_type()), lse};
   }
-  switch (forward_tiles(q.scalar_type())) {
+  switch (forward_tiles(q.scalar_type(), query_rows_per_kv_head(st))) {
     case FwdTiles::kBrgemmBF16: pack_kv_bf16(st); break;
     case FwdTiles::kBrgemmF32: pack_kt_f32(st); break;
     case FwdTiles::kSgemm: break;
@@ -1037,7 +1062,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                         scale, window_left, window_right, bottom_right, dropout_p,
                         dropout_threshold, seed);
   const Params& p = st.p;
-  if (forward_tiles(q.scalar_type()) == FwdTiles::kBrgemmBF16) pack_kv_bf16_backward(st);
+  if (forward_tiles(q.scalar_type(), query_rows_per_kv_head(st)) == FwdTiles::kBrgemmBF16) pack_kv_bf16_backward(st);
   const auto fopt = q.options().dtype(at::kFloat);
   at::Tensor do32 = as_f32(dout);
   at::Tensor lse32 = lse.to(at::kFloat).contiguous();
