@@ -112,3 +112,23 @@ def backend_status(family: str, device="cpu") -> Dict[str, Optional[str]]:
     """For each backend, None if it can run ``family`` on ``device``, else the reason it cannot."""
     device = torch.device(device)
     return {name: environment_reason(name, family, device) for name in BACKEND_NAMES}
+
+
+def direct_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when an op may run its backend directly instead of through its ``torch.library`` custom op.
+
+    The custom op (autograd wrapper, redispatch) costs about 20 us of Python per call, which
+    dominates decode-size inputs. It is only needed for autograd, for tracing (``torch.compile``,
+    ``make_fx``, fake tensors) and for tensor subclasses, so the direct call requires plain tensors,
+    no gradient to record and no active torch function or dispatch mode.
+    """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 \
+            or torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return True

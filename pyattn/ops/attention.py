@@ -84,10 +84,23 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], alibi
                   max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int, window_right: int,
                   bottom_right: bool, dropout_p: float, seed: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """q (B, H, Nq, D), k/v (B, Hkv, Nk, D) -> (out (B, H, Nq, D), lse fp32 (B, H, Nq)). See the module doc."""
+    return _forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                    max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p, seed, backend)
+
+
+def _forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+             scale, window_left, window_right, bottom_right, dropout_p, seed, backend):
     out, lse = _backend_forward(backend, q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                                 max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, dropout_p,
                                 _seed_int(seed))
     return out.contiguous(), lse.contiguous()
+
+
+def attention_forward(*args):
+    """:func:`attention_fwd`, run directly when neither autograd nor tracing needs the custom op."""
+    if _dispatch.direct_call_ok(*(a for a in args if isinstance(a, Tensor))):
+        return _forward(*args)
+    return attention_fwd(*args)
 
 
 @attention_fwd.register_fake

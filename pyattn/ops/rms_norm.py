@@ -147,7 +147,10 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, r
     w = None
     if weight is not None:
         w = weight.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    y, h, _ = rms_norm_fwd(x2, w, r2, float(eps), name)
+    if _dispatch.direct_call_ok(x2, w, r2):
+        y, h, _ = _forward_impl(name, x2, w, r2, float(eps))
+    else:
+        y, h, _ = rms_norm_fwd(x2, w, r2, float(eps), name)
     y = y.view(x.shape)
     if residual is None:
         return y
