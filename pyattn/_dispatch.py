@@ -114,13 +114,17 @@ def backend_status(family: str, device="cpu") -> Dict[str, Optional[str]]:
     return {name: environment_reason(name, family, device) for name in BACKEND_NAMES}
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def direct_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
     """True when an op may run its backend directly instead of through its ``torch.library`` custom op.
 
     The custom op (autograd wrapper, redispatch) costs about 20 us of Python per call, which
     dominates decode-size inputs. It is only needed for autograd, for tracing (``torch.compile``,
-    ``make_fx``, fake tensors) and for tensor subclasses, so the direct call requires plain tensors,
-    no gradient to record and no active torch function or dispatch mode.
+    ``make_fx``, fake tensors) and for tensor subclasses, so the direct call requires plain tensors
+    (or parameters, e.g. a module's weight), no gradient to record and no active torch function or
+    dispatch mode.
     """
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 \
             or torch._C._is_torch_function_mode_enabled():
@@ -129,6 +133,6 @@ def direct_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+        if type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad):
             return False
     return True

@@ -189,8 +189,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     slopes = _check_alibi(alibi_slopes, B, H, q)
     name = _dispatch.select_backend("attention", "attention", q.device, backend, (q.dtype, D))
     out, lse = attention_forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v),
-                             full_bias, slopes, key_padding_mask, None, None, Nq, Nk, sc, wl, wr,
-                             causal_alignment == "bottom_right", p, _dropout_seed(p, generator), name)
+                                 full_bias, slopes, key_padding_mask, None, None, Nq, Nk, sc, wl, wr,
+                                 causal_alignment == "bottom_right", p, _dropout_seed(p, generator), name)
     return (out, lse) if return_lse else out
 
 
@@ -251,7 +251,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     k4 = _unit_last_stride(k).transpose(0, 1).unsqueeze(0)
     v4 = _unit_last_stride(v).transpose(0, 1).unsqueeze(0)
     out, lse = attention_forward(q4, k4, v4, None, slopes, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                             int(max_seqlen_k), sc, wl, wr, True, p, _dropout_seed(p, generator), name)
+                                 int(max_seqlen_k), sc, wl, wr, True, p, _dropout_seed(p, generator), name)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 

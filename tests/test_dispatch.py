@@ -61,3 +61,17 @@ def test_missing_compiler_degrades(monkeypatch, tmp_path):
     assert reason is not None and "build failed" in reason
     y = pyattn.rms_norm(torch.randn(3, 8), None)  # falls back to the reference
     assert y.shape == (3, 8)
+
+
+def test_direct_call_only_without_autograd_or_tracing():
+    from pyattn._dispatch import direct_call_ok
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 3)
+    w = torch.nn.Parameter(torch.ones(3))
+    assert direct_call_ok(x, None)
+    assert not direct_call_ok(x, w)  # the weight needs a gradient
+    with torch.no_grad():
+        assert direct_call_ok(x, w)  # a module's parameter in inference
+    with FakeTensorMode():
+        assert not direct_call_ok(x)

@@ -278,7 +278,6 @@ struct Params {
   int64_t Dp = 0;
 };
 
-
 inline float slope_of(const Params& p, const Seq& s, int64_t h) {
   const int64_t b = (p.sl_nb == 1) ? 0 : s.lb;
   return p.slopes[b * p.sl_sb + h * p.sl_sh];
@@ -753,10 +752,11 @@ struct Setup {
   std::vector<int64_t> slab_off;
 };
 
-// Tile products of the forward: BLAS sgemm, fp32 brgemm, or bf16 brgemm (see the file comment).
+// Tile products: BLAS sgemm, fp32 brgemm (forward) or bf16 brgemm (forward and backward); see the
+// file comment.
 // PYATTN_CPU_ATTN_BRGEMM=0 forces sgemm (the path of CPUs without AVX512), =1 uses brgemm even for
 // few query rows (tests).
-enum class FwdTiles { kSgemm, kBrgemmF32, kBrgemmBF16 };
+enum class TileKind { kSgemm, kBrgemmF32, kBrgemmBF16 };
 
 // Query rows per kv head (GQA group x longest query sequence) below which packing K/V for brgemm
 // costs more than it saves (decoding: one query per sequence).
@@ -768,18 +768,18 @@ int64_t query_rows_per_kv_head(const Setup& st) {
   return max_nq * (st.p.H / st.p.Hkv);
 }
 
-FwdTiles forward_tiles(at::ScalarType dtype, int64_t rows_per_kv_head) {
+TileKind tile_kind(at::ScalarType dtype, int64_t rows_per_kv_head) {
   const char* env = std::getenv("PYATTN_CPU_ATTN_BRGEMM");  // "0": never, "1": whatever the size
-  if (env != nullptr && env[0] == '0') return FwdTiles::kSgemm;
-  if (rows_per_kv_head < kMinBrgemmRows && !(env != nullptr && env[0] == '1')) return FwdTiles::kSgemm;
+  if (env != nullptr && env[0] == '0') return TileKind::kSgemm;
+  if (rows_per_kv_head < kMinBrgemmRows && !(env != nullptr && env[0] == '1')) return TileKind::kSgemm;
   // ATen's brgemm runs on oneDNN, which torch.backends.mkldnn.enabled = False switches off
-  if (!at::globalContext().userEnabledMkldnn()) return FwdTiles::kSgemm;
+  if (!at::globalContext().userEnabledMkldnn()) return TileKind::kSgemm;
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
   static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
-  return (dtype == at::kBFloat16 && has_bf16) ? FwdTiles::kBrgemmBF16 : FwdTiles::kBrgemmF32;
+  return (dtype == at::kBFloat16 && has_bf16) ? TileKind::kBrgemmBF16 : TileKind::kBrgemmF32;
 #else
   (void)dtype;
-  return FwdTiles::kSgemm;
+  return TileKind::kSgemm;
 #endif
 }
 
@@ -1015,10 +1015,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out32.to(q.scalar_type()), lse};
   }
-  switch (forward_tiles(q.scalar_type(), query_rows_per_kv_head(st))) {
-    case FwdTiles::kBrgemmBF16: pack_kv_bf16(st); break;
-    case FwdTiles::kBrgemmF32: pack_kt_f32(st); break;
-    case FwdTiles::kSgemm: break;
+  switch (tile_kind(q.scalar_type(), query_rows_per_kv_head(st))) {
+    case TileKind::kBrgemmBF16: pack_kv_bf16(st); break;
+    case TileKind::kBrgemmF32: pack_kt_f32(st); break;
+    case TileKind::kSgemm: break;
   }
   // work items: (sequence, query block), later query blocks first: under causal masking they
   // carry the most keys, and dynamic scheduling works best largest-first
@@ -1062,7 +1062,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                         scale, window_left, window_right, bottom_right, dropout_p,
                         dropout_threshold, seed);
   const Params& p = st.p;
-  if (forward_tiles(q.scalar_type(), query_rows_per_kv_head(st)) == FwdTiles::kBrgemmBF16) pack_kv_bf16_backward(st);
+  if (tile_kind(q.scalar_type(), query_rows_per_kv_head(st)) == TileKind::kBrgemmBF16) pack_kv_bf16_backward(st);
   const auto fopt = q.options().dtype(at::kFloat);
   at::Tensor do32 = as_f32(dout);
   at::Tensor lse32 = lse.to(at::kFloat).contiguous();
