@@ -11,6 +11,6 @@ from .masks import pad, unpad
 from .integrations.patching import patch, unpatch
 from . import nn
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError", "__version__"]
