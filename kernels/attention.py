@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import to_dtype as _to_dtype
+from .attention_configs import launch_config as _launch_config
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRET_C: tl.constexpr = tl.constexpr(INTERPRET)
@@ -431,44 +432,10 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dtype class and padded head dim (<=64, 128,
-# 256). Chosen so that no config spills registers on sm_80 / sm_90a (ptxas -v, see gpu_compile_specs)
-# and shared memory fits both devices.
-_GPU_CONFIGS = {
-    ("fwd", "half", 64): (128, 64, 8, 3),
-    ("fwd", "half", 128): (64, 32, 4, 2),
-    ("fwd", "half", 256): (32, 32, 4, 1),
-    ("dkdv", "half", 64): (32, 32, 4, 1),
-    ("dkdv", "half", 128): (32, 32, 8, 1),
-    ("dkdv", "half", 256): (16, 32, 8, 1),
-    ("dq", "half", 64): (64, 32, 4, 2),
-    ("dq", "half", 128): (64, 32, 8, 2),
-    ("dq", "half", 256): (32, 32, 8, 1),
-    # fp32 uses IEEE (FMA, no tensor-core) dots for fp32 accuracy; these small tiles still spill
-    # some registers for D >= 64 (not in gpu_compile_specs): fp32 is a correctness fallback.
-    ("fwd", "fp32", 64): (32, 32, 4, 1),
-    ("fwd", "fp32", 128): (32, 32, 4, 1),
-    ("fwd", "fp32", 256): (16, 32, 4, 1),
-    ("dkdv", "fp32", 64): (16, 32, 4, 1),
-    ("dkdv", "fp32", 128): (16, 32, 4, 1),
-    ("dkdv", "fp32", 256): (16, 16, 4, 1),
-    ("dq", "fp32", 64): (16, 32, 4, 1),
-    ("dq", "fp32", 128): (16, 32, 4, 1),
-    ("dq", "fp32", 256): (16, 16, 4, 1),
-}
-_INTERPRET_CONFIG = (32, 32, 4, 1)  # one config under the interpreter (no autotune there)
-
-
-def _gpu_config(kernel: str, block_d: int, dtype: torch.dtype):
-    kind = "fp32" if dtype == torch.float32 else "half"
-    return _GPU_CONFIGS[(kernel, kind, max(64, block_d))]
-
-
-def _config(kernel: str, block_d: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in {"fwd", "dkdv", "dq"}."""
-    if INTERPRET:
-        return _INTERPRET_CONFIG
-    return _gpu_config(kernel, block_d, dtype)
+def _config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in {"fwd", "dkdv", "dq"}: per-arch
+    tables in attention_configs.py (one fixed config under the interpreter)."""
+    return _launch_config(kernel, block_d, dtype, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,7 +484,7 @@ def attention_forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_
         out.zero_()
         return out, lse
     block_d = _block_d(D)
-    BM, BN, nw, ns = _config("fwd", block_d, q.dtype)
+    BM, BN, nw, ns = _config("fwd", block_d, q.dtype, q.device)
     bias_t, bias_s, slopes_t, slopes_s, kpm_t, kpm_s = _common_args(q, bias, alibi_slopes, key_padding_mask, is_varlen)
     if is_varlen:
         n_seq = cu_seqlens_q.numel() - 1
@@ -578,8 +545,8 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
         Nq, D, BLOCK_M=PM, BLOCK_D=block_d,
     )
     lse = lse.contiguous()
-    BMk, BNk, nwk, nsk = _config("dkdv", block_d, q.dtype)
-    BM, BN, nw, ns = _config("dq", block_d, q.dtype)
+    BMk, BNk, nwk, nsk = _config("dkdv", block_d, q.dtype, q.device)
+    BM, BN, nw, ns = _config("dq", block_d, q.dtype, q.device)
     bias_t, bias_s, slopes_t, slopes_s, kpm_t, kpm_s = _common_args(q, bias, alibi_slopes, key_padding_mask, is_varlen)
     if is_varlen:
         n_seq = cu_seqlens_q.numel() - 1
@@ -630,70 +597,3 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, EVEN_D=block_d == D, num_warps=nw, num_stages=ns,
     )
     return dq, dk, dv, dbias
-
-
-# --------------------------------------------------------------------------------------------
-# static GPU compile specs (for the ptxas spill / shared-memory check on CPU CI)
-# --------------------------------------------------------------------------------------------
-_TL_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_FP32_PTRS = {"Lse", "Delta", "DBias", "Slopes"}
-_LOW_PTRS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "Bias"}
-_FLOAT_SCALARS = {"scale", "dropout_scale"}
-
-
-def _signature(fn, dtype_name, constexprs):
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in _LOW_PTRS:
-            sig[name] = "*" + dtype_name
-        elif name in _FP32_PTRS:
-            sig[name] = "*fp32"
-        elif name == "Kpm":
-            sig[name] = "*u8"
-        elif name in ("CuQ", "CuK"):
-            sig[name] = "*i32"
-        elif name in _FLOAT_SCALARS:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-def gpu_compile_specs():
-    """One entry per shipped GPU config: forward, backward dk/dv and backward dq kernels, for
-    fp16/bf16, head dims 64/128/256, a causal and a biased variant, plus
-    the backward pre-pass. Each entry: dict(name, fn, signature, constexprs, num_warps, num_stages)."""
-    specs = []
-    variants = {
-        "causal": dict(HAS_BIAS=False, HAS_ALIBI=False, HAS_PADDING=False, HAS_WINDOW=True,
-                       HAS_DROPOUT=False, IS_VARLEN=False),
-        "bias": dict(HAS_BIAS=True, HAS_ALIBI=True, HAS_PADDING=True, HAS_WINDOW=False,
-                     HAS_DROPOUT=True, IS_VARLEN=False),
-    }
-    for dtype in (torch.float16, torch.bfloat16):
-        dn = _TL_TYPE[dtype]
-        for D in (64, 128, 256):
-            bd = _block_d(D)
-            for vname, flags in variants.items():
-                BM, BN, nw, ns = _gpu_config("fwd", bd, dtype)
-                ce = dict(flags, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=bd, EVEN_D=bd == D)
-                specs.append(dict(name=f"fwd_{dn}_d{D}_{vname}", fn=_attention_fwd_kernel,
-                                  signature=_signature(_attention_fwd_kernel, dn, ce), constexprs=ce,
-                                  num_warps=nw, num_stages=ns))
-                BM, BN, nw, ns = _gpu_config("dkdv", bd, dtype)
-                ce = dict(flags, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=bd, EVEN_D=bd == D)
-                specs.append(dict(name=f"bwd_dkdv_{dn}_d{D}_{vname}", fn=_attention_bwd_dkdv_kernel,
-                                  signature=_signature(_attention_bwd_dkdv_kernel, dn, ce), constexprs=ce,
-                                  num_warps=nw, num_stages=ns))
-                BM, BN, nw, ns = _gpu_config("dq", bd, dtype)
-                ce = dict(flags, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=bd, EVEN_D=bd == D, HAS_DBIAS=vname == "bias")
-                specs.append(dict(name=f"bwd_dq_{dn}_d{D}_{vname}", fn=_attention_bwd_dq_kernel,
-                                  signature=_signature(_attention_bwd_dq_kernel, dn, ce), constexprs=ce,
-                                  num_warps=nw, num_stages=ns))
-            ce = dict(BLOCK_M=_pre_block_m(bd), BLOCK_D=bd)
-            specs.append(dict(name=f"bwd_pre_{dn}_d{D}", fn=_attention_bwd_preprocess_kernel,
-                              signature=_signature(_attention_bwd_preprocess_kernel, dn, ce), constexprs=ce,
-                              num_warps=4, num_stages=1))
-    return specs

@@ -16,7 +16,9 @@ import torch
 from . import _build
 
 BACKEND_NAMES = ("triton", "cuda", "cpu", "reference")
-_DEFAULT_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+_DEFAULT_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu", "reference")}
+_NO_SILENT_REFERENCE = ("not chosen automatically for CUDA tensors (plain PyTorch, O(N^2) memory); "
+                        "pass backend='reference' or set PYATTN_BACKEND=reference to run it")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -105,6 +107,8 @@ def _select_constant(op: str, family: str, device: torch.device, requested: Opti
         if why is None:
             return name
         reasons[name] = why
+    if device.type == "cuda" and not requested:
+        reasons["reference"] = _NO_SILENT_REFERENCE
     raise BackendUnavailableError(op, reasons)
 
 

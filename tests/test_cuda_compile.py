@@ -168,6 +168,44 @@ def test_nvcc_compiles_without_spills(builds, name, arch):
         assert info.get("registers", 0) <= 255, f"{kname} ({arch}) uses {info['registers']} registers"
 
 
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except Exception:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else None
+
+
+def sass_counts(obj: Path) -> dict:
+    """Tensor-core (HMMA), ldmatrix (LDSM) and cp.async (LDGSTS) instructions in an object's SASS."""
+    sass = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+    return {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HMMA", "LDSM", "LDGSTS")}
+
+
+# Instruction counts of csrc/cuda/attention.cu today (nvcc 13.0, all template instances): WMMA
+# 16x16x16 tiles (HMMA + LDSM from shared memory) with synchronous global loads (no LDGSTS).
+# A kernel change may raise these; lowering any of them is a regression (e.g. a path that drops
+# tensor cores or ldmatrix). An FA2-level kernel adds LDGSTS (cp.async double buffering).
+SASS_FLOOR = {("attention.cu", "sm_80"): dict(HMMA=424, LDSM=212, LDGSTS=0),
+              ("attention.cu", "sm_90a"): dict(HMMA=424, LDSM=212, LDGSTS=0)}
+
+
+@pytest.mark.skipif(_cuobjdump() is None, reason="cuobjdump not found (CUDA toolkit or triton's bundled copy)")
+@pytest.mark.parametrize("name, arch", list(SASS_FLOOR))
+def test_attention_sass_uses_tensor_cores(builds, tmp_path_factory, name, arch):
+    rc, log, cmd = builds[(name, arch)]
+    assert rc == 0, log[-3000:]
+    obj = Path(cmd.split(" -o ")[-1])
+    counts = sass_counts(obj)
+    floor = SASS_FLOOR[(name, arch)]
+    low = {op: (counts[op], n) for op, n in floor.items() if counts[op] < n}
+    assert not low, f"{name} {arch}: SASS instruction counts dropped below the recorded floor (got, floor): {low}"
+
+
 def test_binding_syntax(builds):
     status, log = builds["binding"]
     if status.startswith("skip"):
