@@ -84,7 +84,12 @@ def build_cases(family: str, device: torch.device, scope: str) -> List[Case]:
     """The cases of ``family`` that run in ``scope`` ("quick", "default" or "full")."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    cases = SUITES[family](device, scope == "quick")
+    return select_scope(SUITES[family](device, scope == "quick"), scope)
+
+
+def select_scope(cases: List[Case], scope: str) -> List[Case]:
+    """Of the cases a builder returned (with ``quick=False`` unless scope is "quick"), those that
+    run in ``scope``, without their ``full_impls`` unless the scope is "full"."""
     if scope == "default":
         cases = [c for c in cases if c.tier == "default"]
     if scope != "full":
