@@ -93,7 +93,7 @@ def figure_for(run: Run, figure: str, metric: str = "throughput"):
     fig, axes = plt.subplots(nrows, ncols, figsize=(max(MIN_W, PANEL_W * ncols + 0.4), height * nrows + 1.2),
                              squeeze=False)
     impls = impl_order(rows)
-    colors = _colors(impls)
+    colors = _colors(impl_order(run.rows))  # one colour per implementation across all figures
     handles: Dict[str, object] = {}
     for idx, (mode, col) in enumerate(panels):
         ax = axes[idx // ncols][idx % ncols]
@@ -107,12 +107,17 @@ def figure_for(run: Run, figure: str, metric: str = "throughput"):
             f"torch {env.get('torch', '?')}, {env.get('date', '?')}"
     fig.suptitle(title, fontsize=10)
     if run.banner:
-        fig.text(0.5, 0.005, "pyattn backend unavailable for some rows (not plotted): " + run.banner[0][:140],
-                 ha="center", va="bottom", fontsize=7, color="#b00000")
+        import textwrap
+
+        width_chars = int(fig.get_figwidth() * 15)
+        text = textwrap.shorten("pyattn backend unavailable for some rows (not plotted): " + run.banner[0],
+                                width=2 * width_chars)
+        fig.text(0.5, 0.005, textwrap.fill(text, width_chars), ha="center", va="bottom", fontsize=7,
+                 color="#b00000")
     if handles:
         fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=min(6, len(handles)),
                    fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1 - 0.5 / (height * nrows + 1.2)))
-    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.8 / (height * nrows + 1.2)))
+    fig.tight_layout(rect=(0, 0.06 if run.banner else 0.0, 1, 1 - 0.75 / (height * nrows + 1.2)))
     return fig
 
 

@@ -111,6 +111,19 @@ def load_run(path: Union[str, Path]) -> Run:
     raise FileNotFoundError(f"{path}: no results.json or results.csv (is this a benchmark output folder?)")
 
 
+def merge_runs(runs: List[Run], environment: Optional[Dict[str, object]] = None) -> Run:
+    """One run from several (e.g. one folder per family); the first row of a (case, impl) wins."""
+    seen, rows = set(), []
+    for run in runs:
+        for r in run.rows:
+            if (r["key"], r["impl"]) not in seen:
+                seen.add((r["key"], r["impl"]))
+                rows.append(r)
+    env = dict(environment) if environment is not None else dict(runs[0].environment)
+    limits = next((r.limits for r in runs if r.limits), {})
+    return Run(rows, env, limits, scope=runs[0].scope)
+
+
 # --- runs written before results.json existed ------------------------------------------------
 
 def load_legacy(folder: Path, family: str = "") -> Run:
@@ -184,6 +197,8 @@ def legacy_layout(op: str, config: str):
         if m:
             M, N = int(m.group(1)), int(m.group(2))
             return {"rows": M, "hidden": N, "elements": M * N}, "elements", "tensor size (elements)", [], op
+    if op.startswith("hf_"):
+        return {"model": op}, None, None, [], "hf_models"
     if op == "glu_ffn":
         m = re.match(r"(\d+)x(\d+)x(\d+)$", config)
         if m:
