@@ -95,7 +95,8 @@ def _impls(device, causal: bool, window=None, flex_ok=True) -> Dict[str, Callabl
     return impls
 
 
-def _cases_for(device, B, H, N, D, dtype, causal=False, window=None, label=None, flex_eager_max=2048) -> List[Case]:
+def _cases_for(device, B, H, N, D, dtype, causal=False, window=None, label=None, flex_eager_max=2048,
+               tier="default", full_impls=("flex", "flex-compiled")) -> List[Case]:
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
     impls = _impls(device, causal, window)
     if N > flex_eager_max:
@@ -123,8 +124,20 @@ def _cases_for(device, B, H, N, D, dtype, causal=False, window=None, label=None,
     # FlexAttention has no CPU backward; its eager mode is only a forward reference point
     no_bwd = ("flex", "flex-compiled") if device.type == "cpu" else ("flex",)
     bwd_impls = {name: fb(f) for name, f in impls.items() if name not in no_bwd}
-    return [Case("attention", "fwd", cfg, dt, fwd, work=flops, unit="TFLOP/s"),
-            Case("attention", "fwd+bwd", cfg, dt, bwd_impls, work=3.5 * flops, unit="TFLOP/s")]
+    kind = "window" if window is not None else "causal" if causal else ""
+    layout = dict(params={"B": B, "H": H, "N": N, "D": D}, x="N", x_label="sequence length N (tokens)",
+                  facets=("D",), figure="attention" + (f"-{kind}" if kind else ""), tier=tier,
+                  full_impls=tuple(full_impls))
+    return [Case("attention", "fwd", cfg, dt, fwd, work=flops, unit="TFLOP/s", **layout),
+            Case("attention", "fwd+bwd", cfg, dt, bwd_impls, work=3.5 * flops, unit="TFLOP/s", **layout)]
+
+
+# headline rows of the default run (the README's shapes): (dtype, D, N); FlexAttention compiled
+# (about 25 s of compilation per shape on 2 cores) only on the first
+CPU_DEFAULT = {(torch.float32, 64, 512), (torch.float32, 64, 1024), (torch.float32, 64, 2048),
+               (torch.float32, 64, 4096), (torch.bfloat16, 64, 512), (torch.bfloat16, 64, 1024),
+               (torch.bfloat16, 64, 2048)}
+CPU_DEFAULT_FLEX = {(torch.float32, 64, 2048)}
 
 
 @suite("attention")
@@ -141,23 +154,31 @@ def attention_cases(device: torch.device, quick: bool) -> List[Case]:
             for N in Ns:
                 if device.type == "cpu" and dtype != torch.float32 and N > 2048:
                     continue  # SDPA's bf16 CPU backward takes tens of seconds per call here
-                cases += _cases_for(device, 1, 8, N, D, dtype)
+                key = (dtype, D, N)
+                if device.type == "cuda":
+                    tier, full = ("default" if D == 64 or N in (1024, 4096) else "full"), ()
+                else:
+                    tier = "default" if key in CPU_DEFAULT else "full"
+                    full = ("flex",) if key in CPU_DEFAULT_FLEX else ("flex", "flex-compiled")
+                cases += _cases_for(device, 1, 8, N, D, dtype, tier=tier, full_impls=full)
     return cases
 
 
 @suite("masks")
 def mask_cases(device: torch.device, quick: bool) -> List[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    N = 4096 if device.type == "cuda" else 2048
-    if quick:
-        N = 1024
+    headline = 4096 if device.type == "cuda" else 2048
+    causal_Ns = [1024] if quick else [headline // 2, headline, headline * 2]
     cases = []
-    cases += _cases_for(device, 1, 8, N, 64, dtype, causal=False)
-    cases += _cases_for(device, 1, 8, N, 64, dtype, causal=True)
+    for n in causal_Ns:
+        cases += _cases_for(device, 1, 8, n, 64, dtype, causal=True, tier="default" if n == headline else "full",
+                            full_impls=("flex",) if n == headline else ("flex", "flex-compiled"))
     win_Ns = [4096, 16384] if not quick else [2048]
     for n in win_Ns:
+        # SDPA with a dense band mask takes seconds per call at N=16384: --full only
         cases += _cases_for(device, 1, 4 if device.type == "cpu" else 8, n, 64, dtype, window=(256, 0),
-                            label=f"N{n} D64 window(256,0)")
+                            label=f"N{n} D64 window(256,0)", tier="default" if n <= 4096 else "full",
+                            full_impls=("flex",))
     cases += _varlen_cases(device, dtype, quick)
     return cases
 
@@ -182,4 +203,5 @@ def _varlen_cases(device, dtype, quick) -> List[Case]:
     }
     fill = float(lengths.sum()) / (B * N)
     return [Case("attention", "fwd", f"BERT-like varlen B{B} N<={N} (fill {fill:.0%})", str(dtype).replace("torch.", ""),
-                 impls, work=flops, unit="TFLOP/s")]
+                 impls, work=flops, unit="TFLOP/s", params={"B": B, "N": N, "H": H, "D": D, "fill": round(fill, 3)},
+                 figure="attention-varlen")]

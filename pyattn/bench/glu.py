@@ -1,11 +1,9 @@
 """GLU feed-forward benchmark rows: pyattn.glu_ffn against the eager LlamaMLP formula (separate
 gate/up/down weights, as in Hugging Face), torch.compile of it and, on GPU, Liger-Kernel's SwiGLU.
 
-Work is counted as GEMM FLOPs: forward 6·T·H·I, forward+backward 18·T·H·I. Peak memory of one
-forward+backward (bytes above what existed before the call) is recorded in the notes: on GPU
-from torch.cuda.max_memory_allocated, on CPU from the peak resident set size (reset through
-/proc/self/clear_refs; large tensors are mmap'd, so RSS follows them), else from the PyTorch
-profiler's allocation events; the bytes saved for backward are recorded too.
+Work is counted as GEMM FLOPs: forward 6·T·H·I, forward+backward 18·T·H·I. The runner records
+each implementation's peak memory (timing.peak_memory_bytes: bytes above what existed before the
+call); the bytes saved for backward are recorded in the fwd+bwd row's notes.
 """
 from __future__ import annotations
 
@@ -59,46 +57,6 @@ def _peers(device, w_gate_up):
     return peers
 
 
-def _peak_bytes(fn, device) -> int:
-    """Peak bytes allocated above the starting point while ``fn`` runs."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    try:  # Linux: reset the peak RSS, run, read it back (large tensors are mmap'd: RSS follows them)
-        import gc
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _proc_status_kb("VmRSS")
-        fn()
-        return max(0, _proc_status_kb("VmHWM") - base) * 1024
-    except OSError:
-        pass
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # allocations are attributed to the op that made them (self memory), frees to "[memory]" events
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
-    cur = peak = 0
-    for _, delta in events:
-        cur += delta
-        peak = max(peak, cur)
-    return peak
-
-
-def _proc_status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{key} not in /proc/self/status")
-
-
 def _saved_bytes(fn, params) -> int:
     """Bytes of the distinct non-parameter storages saved for backward by ``fn``."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}
@@ -134,53 +92,52 @@ def _cases_for(device: torch.device, T: int, H: int, inter: int, dtype: torch.dt
                 return f(x, w_gate, w_up, w_down)
         return run
 
+    layout = dict(params={"T": T, "H": H, "I": inter}, x="T", x_label="tokens T", facets=("H", "I"),
+                  tier="default" if (T, H, inter) in DEFAULT_SHAPES else "full", measure_memory=True)
+    # planning estimates (s per call) for the 2-core CPU from its 2026-11-25 run: GEMM-bound, far
+    # above the generic rate the planner assumes otherwise
+    scale = T * H * inter / (4096 * 1024 * 2816) if device.type == "cpu" else None
+    est_fwd = {"pyattn": 0.45 * scale, "eager": 0.5 * scale, "compile": 0.45 * scale} if scale else None
+    est_fb = {"pyattn": 1.25 * scale, "eager": 1.3 * scale, "compile": 1.25 * scale} if scale else None
     cases = [Case("glu_ffn", "fwd", cfg, dname, {n: fwd(f) for n, f in peers.items()},
-                  work=6 * T * H * inter, unit="TFLOP/s")]
+                  work=6 * T * H * inter, unit="TFLOP/s", est_s=est_fwd, **layout)]
 
     leaves = [t.detach().clone().requires_grad_() for t in (x, w_gate_up, w_down)]
     xg, wgug, wdg = leaves
     wgg, wug = (t.detach().clone().requires_grad_() for t in (w_gate, w_up))
     import pyattn.ops.glu as ops
 
+    def clear_grads():  # gradients left from an earlier call would count as memory already there
+        xg.grad = wgug.grad = wdg.grad = wgg.grad = wug.grad = None
+
     def fb_pyattn():
-        xg.grad = wgug.grad = wdg.grad = None
+        clear_grads()
         ops.glu_ffn(xg, wgug, wdg).backward(g)
 
     def fb_peer(f):
         def run():
-            xg.grad = wgg.grad = wug.grad = wdg.grad = None
+            clear_grads()
             f(xg, wgg, wug, wdg).backward(g)
         return run
 
     impls = {"pyattn": fb_pyattn}
     impls.update({n: fb_peer(f) for n, f in peers.items() if n != "pyattn"})
-    notes = {}
-    try:
-        fb_pyattn()  # warm up (builds the extension) before measuring memory
-        fb_peer(llama_mlp_eager)()
+
+    def saved_notes():
         mb = 2.0 ** 20
-
-        def peak(fn):
-            xg.grad = wgug.grad = wdg.grad = wgg.grad = wug.grad = None  # gradients count as new memory
-            return f"{_peak_bytes(fn, device) / mb:.1f}"
-
-        notes["peak_mem_MB_pyattn"] = peak(fb_pyattn)
-        notes["peak_mem_MB_eager"] = peak(fb_peer(llama_mlp_eager))
-        if "liger" in peers:
-            notes["peak_mem_MB_liger"] = peak(fb_peer(peers["liger"]))
         params = [xg, wgug, wdg, wgg, wug]
-        notes["saved_MB_pyattn"] = f"{_saved_bytes(lambda: ops.glu_ffn(xg, wgug, wdg), params) / mb:.1f}"
-        notes["saved_MB_eager"] = \
-            f"{_saved_bytes(lambda: llama_mlp_eager(xg, wgg, wug, wdg), params) / mb:.1f}"
-        xg.grad = wgug.grad = wdg.grad = wgg.grad = wug.grad = None
-    except Exception as exc:  # memory notes are best effort
-        notes["peak_mem_error"] = f"{type(exc).__name__}: {exc}"[:120]
+        notes = {"saved_MB_pyattn": f"{_saved_bytes(lambda: ops.glu_ffn(xg, wgug, wdg), params) / mb:.1f}",
+                 "saved_MB_eager": f"{_saved_bytes(lambda: llama_mlp_eager(xg, wgg, wug, wdg), params) / mb:.1f}"}
+        clear_grads()
+        return notes
+
     cases.append(Case("glu_ffn", "fwd+bwd", cfg, dname, impls, work=18 * T * H * inter, unit="TFLOP/s",
-                      notes=notes))
+                      lazy_notes=saved_notes, est_s=est_fb, **layout))
     return cases
 
 
-SHAPES = [(4096, 1024, 2816)]  # tokens x hidden x intermediate
+SHAPES = [(1024, 1024, 2816), (2048, 1024, 2816), (4096, 1024, 2816)]  # tokens x hidden x intermediate
+DEFAULT_SHAPES = {(4096, 1024, 2816), (4096, 4096, 11008)}  # the headline rows (README)
 GPU_EXTRA_SHAPES = [(4096, 4096, 11008)]
 
 
@@ -195,4 +152,6 @@ def glu_cases(device: torch.device, quick: bool) -> List[Case]:
         dtypes = [torch.float32] + ([torch.bfloat16] if os.environ.get("PYATTN_BENCH_CPU_BF16") == "1" else [])
     if quick:
         shapes, dtypes = shapes[:1], dtypes[:1]
+    if device.type == "cuda":
+        shapes = [s for s in shapes if s in DEFAULT_SHAPES] + [s for s in shapes if s not in DEFAULT_SHAPES]
     return [case for dtype in dtypes for T, H, inter in shapes for case in _cases_for(device, T, H, inter, dtype)]

@@ -152,6 +152,10 @@ def _llama_loss(model, batch):
     return model(**batch).loss
 
 
+# planning estimates (s per call: fwd, train step) on the 2-core CPU, from its 2026-11-25 run
+_CPU_EST_S = {"hf_minilm": (1.7, 5.3), "hf_llama": (0.5, 1.4)}
+
+
 @suite("integrations")
 def integration_cases(device: torch.device, quick: bool) -> List[Case]:
     try:
@@ -168,6 +172,12 @@ def integration_cases(device: torch.device, quick: bool) -> List[Case]:
         fwd, train, note, flops = _runners(build, device, dtype, quick, impls, loss_fn)
         cfg = note
         notes = {"model": note, "pyattn": "attn_implementation='pyattn' + pyattn.patch"}
-        cases.append(Case(name, "fwd", cfg, dname, fwd, work=flops, unit="TFLOP/s", notes=notes))
-        cases.append(Case(name, "train step", cfg, dname, train, work=3 * flops, unit="TFLOP/s", notes=notes))
+        layout = dict(params={"model": name}, figure="hf_models")
+        est = _CPU_EST_S.get(name) if device.type == "cpu" and not quick else None
+        cases.append(Case(name, "fwd", cfg, dname, fwd, work=flops, unit="TFLOP/s", notes=notes,
+                          est_s=est and {i: est[0] for i in impls}, **layout))
+        # a MiniLM training step takes about 5 s per call on 2 cores: --full only
+        cases.append(Case(name, "train step", cfg, dname, train, work=3 * flops, unit="TFLOP/s", notes=dict(notes),
+                          est_s=est and {i: est[1] for i in impls},
+                          tier="full" if name == "hf_minilm" and device.type == "cpu" else "default", **layout))
     return cases

@@ -1,91 +1,84 @@
-"""Benchmark output: console table, CSV, markdown and PNG, each tagged with device, versions, date."""
+"""Benchmark report from a :class:`~pyattn.bench.results.Run`: console tables, a one-screen
+summary, results.md, and the plots (see plots.py). Nothing here measures anything."""
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import json
-import os
-import platform
+import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
-import torch
+from .cases import is_pyattn
+from .results import Run, write_run
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{model}, {os.cpu_count()} cores, {isa}"
+NOISY_MARK = "*"
 
 
-def environment_tag(device: torch.device) -> Dict[str, str]:
-    tag = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": str(torch.get_num_threads()),
-    }
-    try:
-        import triton
-
-        tag["triton"] = triton.__version__
-    except Exception:
-        pass
-    try:
-        import pyattn
-
-        tag["pyattn"] = pyattn.__version__
-    except Exception:
-        pass
-    return tag
+def primary_impl(impls: List[str]) -> Optional[str]:
+    """The pyattn implementation the others are compared against ("pyattn" when present)."""
+    if "pyattn" in impls:
+        return "pyattn"
+    mine = [i for i in impls if is_pyattn(i)]
+    return mine[0] if mine else None
 
 
-def rows_to_table(rows: List[dict], peers: List[str]) -> List[List[str]]:
-    header = ["op", "mode", "config", "dtype", "pyattn ms", "pyattn thru"]
-    for p in peers:
+def group_cases(rows: List[dict]) -> Dict[str, Dict[str, Dict[str, dict]]]:
+    """figure -> case key -> impl -> row, in first-seen order."""
+    out: Dict[str, Dict[str, Dict[str, dict]]] = {}
+    for r in rows:
+        out.setdefault(r.get("figure") or r["op"], {}).setdefault(r["key"], {})[r["impl"]] = r
+    return out
+
+
+def ms_cell(r: Optional[dict]) -> str:
+    if r is None:
+        return "-"
+    if r["status"] != "ok":
+        return r["status"]
+    ms = r["median_ms"]
+    s = f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
+    return s + (NOISY_MARK if r.get("noisy") else "")
+
+
+def thru_cell(r: Optional[dict]) -> str:
+    if r is None or r["status"] != "ok" or r.get("throughput") is None:
+        return "-"
+    v = r["throughput"]
+    return f"{v:.2f} {r['unit']}" if r["unit"] == "TFLOP/s" else f"{v:.1f} {r['unit']}"
+
+
+def speedup(mine: Optional[dict], other: Optional[dict]) -> Optional[float]:
+    if not mine or not other or mine["status"] != "ok" or other["status"] != "ok":
+        return None
+    if not mine["median_ms"] or not other["median_ms"]:
+        return None
+    return other["median_ms"] / mine["median_ms"]
+
+
+def figure_table(cases: Dict[str, Dict[str, dict]]) -> List[List[str]]:
+    """One table for one figure's cases: pyattn's time, spread, throughput, backend, and per peer
+    its time and pyattn's speed-up over it."""
+    impls: List[str] = []
+    for by_impl in cases.values():
+        for i in by_impl:
+            if i not in impls:
+                impls.append(i)
+    main = primary_impl(impls)
+    others = [i for i in impls if i != main]
+    header = ["mode", "config", "dtype", f"{main} ms", "spread", "throughput", "backend"]
+    for p in others:
         header += [f"{p} ms", f"x vs {p}"]
     table = [header]
-    for r in rows:
-        line = [r["op"], r["mode"], r["config"], r["dtype"], _fmt(r.get("pyattn_ms")), _thru(r)]
-        for p in peers:
-            ms = r.get(f"{p}_ms")
-            line += [_fmt(ms), _speedup(r.get("pyattn_ms"), ms)]
+    for by_impl in cases.values():
+        first = next(iter(by_impl.values()))
+        mine = by_impl.get(main)
+        spread = f"{100 * mine['spread']:.0f}%" if mine and mine["status"] == "ok" and mine.get("spread") is not None \
+            and not math.isnan(mine["spread"]) else "-"
+        line = [first["mode"], first["config"], first["dtype"], ms_cell(mine), spread, thru_cell(mine),
+                (mine or {}).get("backend") or "-"]
+        for p in others:
+            s = speedup(mine, by_impl.get(p))
+            line += [ms_cell(by_impl.get(p)), f"{s:.2f}" if s is not None else "-"]
         table.append(line)
     return table
-
-
-def _fmt(ms) -> str:
-    if ms is None:
-        return "-"
-    if isinstance(ms, str):
-        return ms
-    return f"{ms:.3f}" if ms < 100 else f"{ms:.1f}"
-
-
-def _speedup(mine, other) -> str:
-    if not isinstance(mine, float) or not isinstance(other, float):
-        return "-"
-    return f"{other / mine:.2f}"
-
-
-def _thru(r) -> str:
-    ms = r.get("pyattn_ms")
-    if not isinstance(ms, float):
-        return "-"
-    value = r["work"] / (ms * 1e-3)
-    if r["unit"] == "TFLOP/s":
-        return f"{value / 1e12:.2f} TFLOP/s"
-    return f"{value / 1e9:.1f} GB/s"
 
 
 def format_table(table: List[List[str]]) -> str:
@@ -97,60 +90,106 @@ def format_table(table: List[List[str]]) -> str:
 
 def markdown_table(table: List[List[str]]) -> str:
     out = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    out += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table[1:]]
     return "\n".join(out)
 
 
-def write_outputs(out_dir: Path, rows: List[dict], peers: List[str], tag: Dict[str, str], extra: Dict[str, str]) -> List[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    csv_path = out_dir / "results.csv"
-    fields = sorted({k for r in rows for k in r})
-    with open(csv_path, "w", newline="") as f:
-        f.write("".join(f"# {k}: {v}\n" for k, v in {**tag, **extra}.items()))
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    written.append(csv_path)
-    table = rows_to_table(rows, peers)
-    md_path = out_dir / "results.md"
-    header = "\n".join(f"- {k}: {v}" for k, v in {**tag, **extra}.items())
-    md_path.write_text(f"# pyattn benchmark\n\n{header}\n\n"
-                       "Times are medians in milliseconds; `x vs P` is P's time divided by pyattn's "
-                       "(above 1 means pyattn is faster).\n\n" + markdown_table(table) + "\n")
-    written.append(md_path)
-    (out_dir / "environment.json").write_text(json.dumps({**tag, **extra}, indent=2))
-    written.append(out_dir / "environment.json")
-    png = _plot(out_dir / "speedup.png", rows, peers, tag)
-    if png:
-        written.append(png)
+def environment_lines(run: Run) -> List[str]:
+    env = run.environment
+    keys = ("date", "device", "blas", "torch", "triton", "transformers", "pyattn", "python", "threads",
+            "load_average")
+    lines = []
+    for k in keys:
+        if k in env:
+            v = env[k]
+            lines.append(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+    lim = run.limits
+    if "copy_GBs" in lim:
+        lines.append(f"copy bandwidth (measured): {lim['copy_GBs']:.1f} GB/s")
+    for dt, v in (lim.get("gemm_TFLOPs") or {}).items():
+        lines.append(f"GEMM throughput {dt} (measured): {v:.3f} TFLOP/s")
+    if run.scope:
+        lines.append(f"scope: {run.scope}" + (f", wall time {run.wall_s:.0f} s" if run.wall_s else ""))
+    return lines
+
+
+def console_report(run: Run) -> str:
+    parts = []
+    parts += [f"!! {b}" for b in run.banner]
+    for fig, cases in group_cases(run.rows).items():
+        parts += ["", f"== {fig}", format_table(figure_table(cases))]
+    parts += ["", f"{NOISY_MARK}: spread (interquartile range / median) above 10%: do not trust that row's ratios"]
+    parts += [f"!! {b}" for b in run.banner]
+    return "\n".join(parts)
+
+
+def speedup_stats(run: Run) -> List[Tuple[str, str, int, float, float, float]]:
+    """(figure, peer, rows, geometric mean, min, max) of pyattn's speed-up over each peer."""
+    out = []
+    for fig, cases in group_cases(run.rows).items():
+        per_peer: Dict[str, List[float]] = {}
+        for by_impl in cases.values():
+            main = primary_impl(list(by_impl))
+            for p, r in by_impl.items():
+                if p == main or is_pyattn(p):
+                    continue
+                s = speedup(by_impl.get(main), r)
+                if s is not None:
+                    per_peer.setdefault(p, []).append(s)
+        for p, vals in per_peer.items():
+            gm = math.exp(sum(math.log(v) for v in vals) / len(vals))
+            out.append((fig, p, len(vals), gm, min(vals), max(vals)))
+    return out
+
+
+def summary(run: Run, written: Optional[List[Path]] = None) -> str:
+    """The one-screen summary printed at the end of a run."""
+    env = run.environment
+    n_ok = sum(r["status"] == "ok" for r in run.rows)
+    noisy = sum(bool(r.get("noisy")) for r in run.rows)
+    failed = [r for r in run.rows if r["status"] == "error"]
+    lines = ["", "=" * 78, f"pyattn bench summary — {env.get('device', '?')}, torch {env.get('torch', '?')}, "
+             f"{env.get('date', '?')}"]
+    if run.wall_s:
+        lines.append(f"{run.scope} scope: {len(run.rows)} timings ({n_ok} ok, {noisy} noisy, {len(failed)} failed) "
+                     f"in {run.wall_s:.0f} s; load average at start {env.get('load_average', '?')}")
+    lines += [f"!! {b}" for b in run.banner]
+    lines.append("speed-up of pyattn (peer time / pyattn time; geometric mean [min–max] over rows):")
+    for fig, peer, n, gm, lo, hi in speedup_stats(run):
+        lines.append(f"  {fig:<18} vs {peer:<14} {gm:5.2f}x  [{lo:.2f}–{hi:.2f}]  ({n} rows)")
+    for r in failed[:5]:
+        lines.append(f"  failed: {r['key']} {r['impl']}: {r['reason'][:90]}")
+    if written:
+        folder = written[0].parent
+        lines.append(f"results: {folder}/ ({', '.join(p.name for p in written)})")
+    lines.append("=" * 78)
+    return "\n".join(lines)
+
+
+def markdown_report(run: Run) -> str:
+    out = ["# pyattn benchmark", ""]
+    if run.banner:
+        out += [f"> **{b}**" for b in run.banner] + [""]
+    out += [f"- {line}" for line in environment_lines(run)] + [""]
+    out.append("Times are medians in milliseconds; `spread` is the interquartile range relative to the median "
+               f"(rows marked {NOISY_MARK} exceed 10%); `backend` is the pyattn backend that actually ran; "
+               "`x vs P` is P's time divided by pyattn's (above 1: pyattn is faster).")
+    for fig, cases in group_cases(run.rows).items():
+        out += ["", f"## {fig}", "", markdown_table(figure_table(cases))]
+        plots = [p for p in (f"{fig}.png", f"{fig}-memory.png") if run.path and (run.path / p).exists()]
+        out += [""] + [f"![{p}]({p})" for p in plots] if plots else []
+    return "\n".join(out) + "\n"
+
+
+def write_report(run: Run, out_dir: Path) -> List[Path]:
+    """results.json + results.csv, the plots, then results.md (which links the plots)."""
+    from . import plots
+
+    out_dir = Path(out_dir)
+    written = write_run(run, out_dir)
+    run.path = out_dir
+    written += plots.write_plots(run, out_dir)
+    md = out_dir / "results.md"
+    md.write_text(markdown_report(run))
+    written.append(md)
     return written
-
-
-def _plot(path: Path, rows: List[dict], peers: List[str], tag: Dict[str, str]):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return None
-    labels = [f"{r['op']} {r['mode']}\n{r['config']} {r['dtype']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
-    width = 0.8 / max(1, len(peers))
-    for i, p in enumerate(peers):
-        vals = []
-        for r in rows:
-            mine, other = r.get("pyattn_ms"), r.get(f"{p}_ms")
-            vals.append(other / mine if isinstance(mine, float) and isinstance(other, float) else 0.0)
-        ax.bar([x + i * width for x in range(len(rows))], vals, width, label=f"vs {p}")
-    ax.axhline(1.0, color="k", linewidth=0.8)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))])
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speed-up of pyattn (peer time / pyattn time)")
-    ax.set_title(f"pyattn on {tag['device']} — {tag['date']}", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

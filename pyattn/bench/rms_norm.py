@@ -46,7 +46,8 @@ def _peers(device):
     return peers
 
 
-SHAPES = [(4096, 1024), (4096, 4096), (8192, 4096)]  # rows x hidden
+SHAPES = [(1024, 1024), (4096, 1024), (4096, 4096), (8192, 4096)]  # rows x hidden
+DEFAULT_SHAPES = {(4096, 1024), (8192, 4096)}  # the headline rows (README) of the default run
 
 
 def _cases_for(device: torch.device, M: int, N: int, dtype: torch.dtype) -> List[Case]:
@@ -68,9 +69,11 @@ def _cases_for(device: torch.device, M: int, N: int, dtype: torch.dtype) -> List
             f(xg, wg, 1e-6).backward(g)
         return run
 
-    return [Case("rms_norm", "fwd", f"{M}x{N}", dname, fwd, work=2 * M * N * elt, unit="GB/s"),
+    layout = dict(params={"rows": M, "hidden": N, "elements": M * N}, x="elements", x_label="tensor size (elements)",
+                  tier="default" if (M, N) in DEFAULT_SHAPES else "full")
+    return [Case("rms_norm", "fwd", f"{M}x{N}", dname, fwd, work=2 * M * N * elt, unit="GB/s", **layout),
             Case("rms_norm", "fwd+bwd", f"{M}x{N}", dname, {name: fwd_bwd(f) for name, f in peers.items()},
-                 work=5 * M * N * elt, unit="GB/s")]
+                 work=5 * M * N * elt, unit="GB/s", **layout)]
 
 
 @suite("rms_norm")
