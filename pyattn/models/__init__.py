@@ -4,6 +4,7 @@ from .bert import (BertConfig, BertForMaskedLM, BertForPreTraining, BertForSeque
 from .families import (AlbertConfig, AlbertForMaskedLM, AlbertForPreTraining, AlbertModel, ElectraConfig,
                        ElectraDiscriminator, ElectraForMaskedLM, ElectraForPreTraining, ElectraModel, RobertaConfig,
                        RobertaForMaskedLM, RobertaModel)
+from .transformer import BeamSearchOutput, Seq2SeqOutput, TransformerConfig, TransformerSeq2Seq
 from .checkpoint import from_hf_state_dict, from_pretrained, save_pretrained
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "RobertaConfig", "RobertaModel", "RobertaForMaskedLM",
     "AlbertConfig", "AlbertModel", "AlbertForMaskedLM", "AlbertForPreTraining",
     "ElectraConfig", "ElectraModel", "ElectraForMaskedLM", "ElectraDiscriminator", "ElectraForPreTraining",
+    "TransformerConfig", "TransformerSeq2Seq", "Seq2SeqOutput", "BeamSearchOutput",
     "from_pretrained", "from_hf_state_dict", "save_pretrained",
 ]
