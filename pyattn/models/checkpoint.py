@@ -131,8 +131,9 @@ def from_hf_state_dict(state_dict: Dict[str, Tensor], config: BertConfig,
     for key, param in model.state_dict().items():
         names, _ = hf_names(key, family)
         absent = [n for n in names if n not in hf]
-        if absent:
+        if absent:  # the present parts of an incomplete q/k/v group are not "unexpected"
             missing += absent
+            used.update(n for n in names if n in hf)
             continue
         value = torch.cat([hf[n] for n in names]) if len(names) > 1 else hf[names[0]]
         if tuple(value.shape) != tuple(param.shape):
