@@ -61,12 +61,90 @@ inline fVec load_f32_tail(const T* p, int64_t n) {
   return fVec::loadu(tmp);
 }
 
+// Software prefetch of the bytes [p, p + nbytes) into the caches (one hint per 64-byte line).
+inline void prefetch_row(const void* p, int64_t nbytes) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < nbytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
+#else
+  (void)p;
+  (void)nbytes;
+#endif
+}
+
 inline float hsum(const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_reduce_add_ps(__m512(v));
 #else
   return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
 #endif
+}
+
+// S[r * kBlockN] = <q_r, k> for RN query rows (fp32, zero-padded to Dp) and one key row of D elements.
+template <typename T, int RN>
+inline void qk_rows(const T* k, const float* q, int64_t Dp, int64_t D, float* S) {
+  fVec a[RN];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r) a[r] = fVec(0.f);
+  const int64_t Dfull = D / kV * kV;
+  for (int64_t d = 0; d < Dfull; d += kV) {
+    const fVec kv = load_f32(k + d);
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) a[r] = at::vec::fmadd(fVec::loadu(q + r * Dp + d), kv, a[r]);
+  }
+  if (Dfull < D) {
+    const fVec kv = load_f32_tail(k + Dfull, D - Dfull);
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) a[r] = at::vec::fmadd(fVec::loadu(q + r * Dp + Dfull), kv, a[r]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r) S[r * kBlockN] = hsum(a[r]);
+}
+
+// acc[r] += sum_j P[r * kBlockN + j] * v_j for RN rows and n value rows (stride vs); prefetches the
+// next_n rows at next (the next block's keys) first.
+template <typename T, int RN>
+inline void pv_rows(const T* v, int64_t vs, int64_t n, const float* P, float* acc, int64_t Dp, int64_t D,
+                    const T* next, int64_t next_stride, int64_t next_n, int64_t row_bytes) {
+  const int64_t Dfull = D / kV * kV;
+  if (next != nullptr) {  // spread the next block's prefetches over this pass
+    for (int64_t j = 0; j < next_n; ++j) prefetch_row(next + j * next_stride, row_bytes);
+  }
+  for (int64_t d = 0; d < Dp; d += kV) {
+    fVec a[RN];
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) a[r] = fVec::loadu(acc + r * Dp + d);
+    if (d < Dfull) {
+      for (int64_t j = 0; j < n; ++j) {
+        const fVec vv = load_f32(v + j * vs + d);
+#pragma GCC unroll 8
+        for (int r = 0; r < RN; ++r) a[r] = at::vec::fmadd(fVec(P[r * kBlockN + j]), vv, a[r]);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const fVec vv = load_f32_tail(v + j * vs + d, D - d);
+#pragma GCC unroll 8
+        for (int r = 0; r < RN; ++r) a[r] = at::vec::fmadd(fVec(P[r * kBlockN + j]), vv, a[r]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) a[r].store(acc + r * Dp + d);
+  }
+}
+
+// f(std::integral_constant<int, rn>) for 1 <= rn <= kRowGroup.
+template <typename F>
+inline void with_rows(int64_t rn, F&& f) {
+  switch (rn) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 struct Params {
@@ -127,38 +205,35 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
   std::fill(acc, acc + R * Dp, 0.f);
   const T* kbase = static_cast<const T*>(p.k);
   const T* vbase = static_cast<const T*>(p.v);
-  const int64_t Dfull = D / kV * kV;
-  const int64_t tail = D - Dfull;
-  const int64_t nchunks = Dp / kV;
-
-  for (int64_t j0 = s0; j0 < s1;) {
-    int64_t n = std::min(kBlockN, s1 - j0);
-    const T* kp;
-    const T* vp;
+  // block starting at key j: K/V row pointers and its length (a block never crosses a page)
+  auto locate = [&](int64_t j, const T*& kp, const T*& vp) -> int64_t {
+    int64_t n = std::min(kBlockN, s1 - j);
     if constexpr (kPaged) {
-      const int64_t page = p.block_table[b * p.bt_s0 + (j0 / p.page_size) * p.bt_s1];
-      const int64_t slot = j0 % p.page_size;
+      const int64_t page = p.block_table[b * p.bt_s0 + (j / p.page_size) * p.bt_s1];
+      const int64_t slot = j % p.page_size;
       n = std::min(n, p.page_size - slot);
       kp = kbase + page * p.k_s0 + hk * p.k_s1 + slot * p.k_s2;
       vp = vbase + page * p.v_s0 + hk * p.v_s1 + slot * p.v_s2;
     } else {
-      kp = kbase + b * p.k_s0 + hk * p.k_s1 + j0 * p.k_s2;
-      vp = vbase + b * p.v_s0 + hk * p.v_s1 + j0 * p.v_s2;
+      kp = kbase + b * p.k_s0 + hk * p.k_s1 + j * p.k_s2;
+      vp = vbase + b * p.v_s0 + hk * p.v_s1 + j * p.v_s2;
     }
-    // ---- scores S[r][jj] = <qf_r, k_j>, row groups of kRowGroup sharing each widened key chunk
+    return n;
+  };
+  const int64_t row_bytes = D * int64_t(sizeof(T));
+  const T *kp = nullptr, *vp = nullptr, *kn = nullptr, *vn = nullptr;
+  int64_t n = s0 < s1 ? locate(s0, kp, vp) : 0;
+  for (int64_t j0 = s0; j0 < s1; j0 += n, kp = kn, vp = vn, n = j0 < s1 ? locate(j0, kp, vp) : 0) {
+    // the next block's K rows are fetched during this block's P @ V pass
+    const int64_t nn = j0 + n < s1 ? locate(j0 + n, kn, vn) : 0;
+    // ---- scores S[r][jj] = <qf_r, k_j>, row groups of kRowGroup sharing each widened key chunk;
+    // V rows are fetched meanwhile (the P @ V pass walks them by columns)
     for (int64_t jj = 0; jj < n; ++jj) {
-      const T* kr = kp + jj * p.k_s2;
-      for (int64_t r0 = 0; r0 < R; r0 += kRowGroup) {
-        const int64_t rn = std::min(kRowGroup, R - r0);
-        fVec a[kRowGroup];
-        for (int64_t r = 0; r < kRowGroup; ++r) a[r] = fVec(0.f);
-        for (int64_t c = 0; c < nchunks; ++c) {
-          const fVec kv = (c * kV < Dfull) ? load_f32(kr + c * kV) : load_f32_tail(kr + c * kV, tail);
-          for (int64_t r = 0; r < kRowGroup; ++r)
-            if (r < rn) a[r] = at::vec::fmadd(fVec::loadu(qf + (r0 + r) * Dp + c * kV), kv, a[r]);
-        }
-        for (int64_t r = 0; r < rn; ++r) S[(r0 + r) * kBlockN + jj] = hsum(a[r]);
-      }
+      prefetch_row(vp + jj * p.v_s2, row_bytes);
+      for (int64_t r0 = 0; r0 < R; r0 += kRowGroup)
+        with_rows(std::min(kRowGroup, R - r0), [&](auto rn) {
+          qk_rows<T, decltype(rn)::value>(kp + jj * p.k_s2, qf + r0 * Dp, Dp, D, S + r0 * kBlockN + jj);
+        });
     }
     // ---- masks / ALiBi (query i sits at position L - Nq + i), online softmax
     for (int64_t r = 0; r < R; ++r) {
@@ -205,22 +280,12 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
       }
       l[r] += sum;
     }
-    // ---- acc[r] += P[r] @ V: per head-dim chunk, kRowGroup accumulators stay in registers
-    for (int64_t c = 0; c < nchunks; ++c) {
-      for (int64_t r0 = 0; r0 < R; r0 += kRowGroup) {
-        const int64_t rn = std::min(kRowGroup, R - r0);
-        fVec a[kRowGroup];
-        for (int64_t r = 0; r < rn; ++r) a[r] = fVec::loadu(acc + (r0 + r) * Dp + c * kV);
-        for (int64_t jj = 0; jj < n; ++jj) {
-          const T* vr = vp + jj * p.v_s2 + c * kV;
-          const fVec vv = (c * kV < Dfull) ? load_f32(vr) : load_f32_tail(vr, tail);
-          for (int64_t r = 0; r < kRowGroup; ++r)
-            if (r < rn) a[r] = at::vec::fmadd(fVec(S[(r0 + r) * kBlockN + jj]), vv, a[r]);
-        }
-        for (int64_t r = 0; r < rn; ++r) a[r].store(acc + (r0 + r) * Dp + c * kV);
-      }
-    }
-    j0 += n;
+    // ---- acc[r] += P[r] @ V: per head-dim chunk, the row group's accumulators stay in registers
+    for (int64_t r0 = 0; r0 < R; r0 += kRowGroup)
+      with_rows(std::min(kRowGroup, R - r0), [&](auto rn) {
+        pv_rows<T, decltype(rn)::value>(vp, p.v_s2, n, S + r0 * kBlockN, acc + r0 * Dp, Dp, D,
+                                        r0 == 0 ? kn : nullptr, p.k_s2, nn, row_bytes);
+      });
   }
 
   if (p.splits == 1) {  // final result straight away
