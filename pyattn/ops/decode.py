@@ -99,6 +99,7 @@ def _(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, scale, wind
 
 
 # --------------------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result
 def _workers(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
