@@ -80,6 +80,24 @@ inline float hsum(const fVec& v) {
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// out[i * stride] = sum of the lanes of v_i for four vectors: a transposing reduction tree
+// (about 13 instructions instead of four separate reductions).
+inline void hsum4(const fVec& a, const fVec& b, const fVec& c, const fVec& d, float* out, int64_t stride) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+  const __m512 w = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, w);
+  out[0] = lanes[0];
+  out[stride] = lanes[4];
+  out[2 * stride] = lanes[8];
+  out[3 * stride] = lanes[12];
+}
+#endif
+
 // S[r * kBlockN] = <q_r, k> for RN query rows (fp32, zero-padded to Dp) and one key row of D elements.
 template <typename T, int RN>
 inline void qk_rows(const T* k, const float* q, int64_t Dp, int64_t D, float* S) {
@@ -97,19 +115,17 @@ inline void qk_rows(const T* k, const float* q, int64_t Dp, int64_t D, float* S)
 #pragma GCC unroll 8
     for (int r = 0; r < RN; ++r) a[r] = at::vec::fmadd(fVec::loadu(q + r * Dp + Dfull), kv, a[r]);
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r) S[r * kBlockN] = hsum(a[r]);
+  int r = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; r + 4 <= RN; r += 4) hsum4(a[r], a[r + 1], a[r + 2], a[r + 3], S + r * kBlockN, kBlockN);
+#endif
+  for (; r < RN; ++r) S[r * kBlockN] = hsum(a[r]);
 }
 
-// acc[r] += sum_j P[r * kBlockN + j] * v_j for RN rows and n value rows (stride vs); prefetches the
-// next_n rows at next (the next block's keys) first.
+// acc[r] += sum_j P[r * kBlockN + j] * v_j for RN rows and n value rows (stride vs).
 template <typename T, int RN>
-inline void pv_rows(const T* v, int64_t vs, int64_t n, const float* P, float* acc, int64_t Dp, int64_t D,
-                    const T* next, int64_t next_stride, int64_t next_n, int64_t row_bytes) {
+inline void pv_rows(const T* v, int64_t vs, int64_t n, const float* P, float* acc, int64_t Dp, int64_t D) {
   const int64_t Dfull = D / kV * kV;
-  if (next != nullptr) {  // spread the next block's prefetches over this pass
-    for (int64_t j = 0; j < next_n; ++j) prefetch_row(next + j * next_stride, row_bytes);
-  }
   for (int64_t d = 0; d < Dp; d += kV) {
     fVec a[RN];
 #pragma GCC unroll 8
@@ -224,12 +240,12 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
   const T *kp = nullptr, *vp = nullptr, *kn = nullptr, *vn = nullptr;
   int64_t n = s0 < s1 ? locate(s0, kp, vp) : 0;
   for (int64_t j0 = s0; j0 < s1; j0 += n, kp = kn, vp = vn, n = j0 < s1 ? locate(j0, kp, vp) : 0) {
-    // the next block's K rows are fetched during this block's P @ V pass
     const int64_t nn = j0 + n < s1 ? locate(j0 + n, kn, vn) : 0;
     // ---- scores S[r][jj] = <qf_r, k_j>, row groups of kRowGroup sharing each widened key chunk;
     // V rows are fetched meanwhile (the P @ V pass walks them by columns)
     for (int64_t jj = 0; jj < n; ++jj) {
       prefetch_row(vp + jj * p.v_s2, row_bytes);
+      if (jj < nn) prefetch_row(kn + jj * p.k_s2, row_bytes);  // the next block's keys, one row ahead each
       for (int64_t r0 = 0; r0 < R; r0 += kRowGroup)
         with_rows(std::min(kRowGroup, R - r0), [&](auto rn) {
           qk_rows<T, decltype(rn)::value>(kp + jj * p.k_s2, qf + r0 * Dp, Dp, D, S + r0 * kBlockN + jj);
@@ -283,8 +299,7 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
     // ---- acc[r] += P[r] @ V: per head-dim chunk, the row group's accumulators stay in registers
     for (int64_t r0 = 0; r0 < R; r0 += kRowGroup)
       with_rows(std::min(kRowGroup, R - r0), [&](auto rn) {
-        pv_rows<T, decltype(rn)::value>(vp, p.v_s2, n, S + r0 * kBlockN, acc + r0 * Dp, Dp, D,
-                                        r0 == 0 ? kn : nullptr, p.k_s2, nn, row_bytes);
+        pv_rows<T, decltype(rn)::value>(vp, p.v_s2, n, S + r0 * kBlockN, acc + r0 * Dp, Dp, D);
       });
   }
 
