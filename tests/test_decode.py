@@ -291,3 +291,28 @@ def test_bad_input():
         dec(qc.requires_grad_(), kc, vc, slc)
     with torch.no_grad():  # fine without grad mode
         dec(qc, kc, vc, slc)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU backends (skipped without a CUDA device)
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged", [False, True])
+def test_gpu_backends(backend, dtype, paged):
+    q, k, v, sl, bt = make_case(3, 8, 2, 2, 128, dtype, [1000, 0, 513], 1024, page_size=64 if paged else None)
+    q, k, v, sl = q.cuda(), k.cuda(), v.cuda(), sl.cuda()
+    bt = bt.cuda() if bt is not None else None
+    k_new, v_new = torch.randn(3, 2, 2, 128, device="cuda").to(dtype), torch.randn(3, 2, 2, 128, device="cuda").to(dtype)
+    k_exp, v_exp = k.clone(), v.clone()
+    append_kv(k_exp, v_exp, k_new, v_new, sl, bt)
+    slopes = torch.rand(8) * 0.1
+    bt_cpu = bt.cpu() if bt is not None else None
+    for splits in (1, 7):
+        kk, vv = k.clone(), v.clone()
+        out = pyattn.decode_attention(q, kk, vv, sl, k_new=k_new, v_new=v_new, block_table=bt, num_splits=splits,
+                                      alibi_slopes=slopes.cuda(), window=(300, None), backend=backend)
+        assert torch.equal(kk, k_exp) and torch.equal(vv, v_exp), "cache contents after the append"
+        ref64, low, _ = references(q.cpu(), kk.cpu(), vv.cpu(), sl.cpu(), bt_cpu, n_appended=2, wl=300,
+                                   alibi_slopes=slopes.expand(3, 8))
+        assert_tolerance(f"{backend} {dtype} paged={paged} splits={splits}", out.cpu(), low, ref64)
