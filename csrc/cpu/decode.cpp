@@ -17,7 +17,9 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -163,6 +165,68 @@ inline void with_rows(int64_t rn, F&& f) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+#define PYATTN_DPBF16 1
+// bf16 caches on CPUs with AVX512-BF16: the scores come from vdpbf16ps on the bf16 query and key
+// rows (exact bf16 products, fp32 sums): half the instructions of widening every key to fp32.
+#define PYATTN_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+
+// S[r * kBlockN] = scale * <q_r, k> for RN bf16 query rows (zero-padded to Dh, a multiple of 32).
+template <int RN>
+PYATTN_BF16_TARGET inline void qk_rows_bf16(const c10::BFloat16* k, const c10::BFloat16* q, int64_t Dh, int64_t D,
+                                            float scale, float* S) {
+  __m512 a[RN];
+#pragma GCC unroll 8
+  for (int r = 0; r < RN; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __mmask32 mask = D - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - d)) - 1;
+    const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(mask, k + d);
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r)
+      a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(q + r * Dh + d), kv);
+  }
+  alignas(64) float lanes[16];
+  int r = 0;
+  for (; r + 4 <= RN; r += 4) {
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a[r], a[r + 1], 0x44), _mm512_shuffle_f32x4(a[r], a[r + 1], 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(a[r + 2], a[r + 3], 0x44),
+                                    _mm512_shuffle_f32x4(a[r + 2], a[r + 3], 0xEE));
+    const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+    _mm512_store_ps(lanes, _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E)));
+    for (int i = 0; i < 4; ++i) S[(r + i) * kBlockN] = lanes[4 * i] * scale;
+  }
+  for (; r < RN; ++r) S[r * kBlockN] = _mm512_reduce_add_ps(a[r]) * scale;
+}
+
+// The score pass of one key block (n rows at k, stride ks) for R query rows; prefetches this
+// block's V rows and the next block's K rows (nn rows at kn) on the way.
+PYATTN_BF16_TARGET inline void qk_block_bf16(const c10::BFloat16* k, int64_t ks, int64_t n, const c10::BFloat16* q,
+                                             int64_t Dh, int64_t D, int64_t R, float scale, float* S,
+                                             const c10::BFloat16* v, int64_t vs, const c10::BFloat16* kn, int64_t nn) {
+  const int64_t row_bytes = D * 2;
+  for (int64_t jj = 0; jj < n; ++jj) {
+    prefetch_row(v + jj * vs, row_bytes);
+    if (jj < nn) prefetch_row(kn + jj * ks, row_bytes);
+    for (int64_t r0 = 0; r0 < R; r0 += kRowGroup) {
+      const c10::BFloat16* kr = k + jj * ks;
+      const c10::BFloat16* qr = q + r0 * Dh;
+      float* Sr = S + r0 * kBlockN + jj;
+      switch (std::min(kRowGroup, R - r0)) {
+        case 1: qk_rows_bf16<1>(kr, qr, Dh, D, scale, Sr); break;
+        case 2: qk_rows_bf16<2>(kr, qr, Dh, D, scale, Sr); break;
+        case 3: qk_rows_bf16<3>(kr, qr, Dh, D, scale, Sr); break;
+        case 4: qk_rows_bf16<4>(kr, qr, Dh, D, scale, Sr); break;
+        case 5: qk_rows_bf16<5>(kr, qr, Dh, D, scale, Sr); break;
+        case 6: qk_rows_bf16<6>(kr, qr, Dh, D, scale, Sr); break;
+        case 7: qk_rows_bf16<7>(kr, qr, Dh, D, scale, Sr); break;
+        default: qk_rows_bf16<8>(kr, qr, Dh, D, scale, Sr); break;
+      }
+    }
+  }
+}
+#endif
+
 struct Params {
   const void* q;
   int64_t q_sb, q_sh, q_sn;  // q (B, H, Nq, D), unit last stride
@@ -183,6 +247,8 @@ struct Params {
   float* lse;    // (B, H, Nq)
   float* part_out;  // (B, Hkv, splits, R, D) fp32 unnormalised (splits > 1)
   float* part_ml;   // (B, Hkv, splits, R, 2): running max and sum (splits > 1)
+  bool dpbf16;      // bf16 scores through vdpbf16ps (CPU has AVX512-BF16)
+  int64_t Dh;       // head dim rounded up to 32 (bf16 query rows for vdpbf16ps)
 };
 
 // Key range [lo, hi) that some query row of a sequence with L keys can see.
@@ -195,8 +261,8 @@ inline void key_range(const Params& p, int64_t L, int64_t& lo, int64_t& hi) {
 
 // One (sequence, kv head, split) item. Scratch: qf (R, Dp), acc (R, Dp), S (R, kBlockN), m, l (R).
 template <typename T, bool kPaged, bool kAlibi, bool kMask>
-void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* qf, float* acc, float* S,
-                 float* m, float* l) {
+void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* qf, c10::BFloat16* qh, float* acc,
+                 float* S, float* m, float* l) {
   const int64_t G = p.H / p.Hkv, R = G * p.Nq, D = p.D, Dp = p.Dp;
   const int64_t L = int64_t(p.seqlens[b]) + p.n_appended;
   int64_t lo, hi;
@@ -217,6 +283,13 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
     for (int64_t d = D; d < Dp; ++d) dst[d] = 0.f;
     m[r] = kNegInf;
     l[r] = 0.f;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (p.dpbf16) {  // unscaled bf16 copy, zero-padded to Dh
+        c10::BFloat16* dh = qh + r * p.Dh;
+        for (int64_t d = 0; d < D; ++d) dh[d] = src[d];
+        for (int64_t d = D; d < p.Dh; ++d) dh[d] = c10::BFloat16(0.f);
+      }
+    }
   }
   std::fill(acc, acc + R * Dp, 0.f);
   const T* kbase = static_cast<const T*>(p.k);
@@ -243,6 +316,14 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
     const int64_t nn = j0 + n < s1 ? locate(j0 + n, kn, vn) : 0;
     // ---- scores S[r][jj] = <qf_r, k_j>, row groups of kRowGroup sharing each widened key chunk;
     // V rows are fetched meanwhile (the P @ V pass walks them by columns)
+#ifdef PYATTN_DPBF16
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (p.dpbf16) {
+        qk_block_bf16(kp, p.k_s2, n, qh, p.Dh, D, R, p.scale, S, vp, p.v_s2, kn, nn);
+        goto softmax;
+      }
+    }
+#endif
     for (int64_t jj = 0; jj < n; ++jj) {
       prefetch_row(vp + jj * p.v_s2, row_bytes);
       if (jj < nn) prefetch_row(kn + jj * p.k_s2, row_bytes);  // the next block's keys, one row ahead each
@@ -251,6 +332,7 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
           qk_rows<T, decltype(rn)::value>(kp + jj * p.k_s2, qf + r0 * Dp, Dp, D, S + r0 * kBlockN + jj);
         });
     }
+  softmax:
     // ---- masks / ALiBi (query i sits at position L - Nq + i), online softmax
     for (int64_t r = 0; r < R; ++r) {
       float* s = S + r * kBlockN;
@@ -370,10 +452,11 @@ void run_items(const Params& p) {
   const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nitems));
   at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
     std::vector<float> qf(R * p.Dp), acc(R * p.Dp), S(R * kBlockN), m(R), l(R);
+    std::vector<c10::BFloat16> qh(p.dpbf16 ? R * p.Dh : 0);
     for (int64_t t = next.fetch_add(1); t < nitems; t = next.fetch_add(1)) {
       const int64_t split = t % p.splits, bh = t / p.splits;
-      decode_item<T, kPaged, kAlibi, kMask>(p, bh / p.Hkv, bh % p.Hkv, split, qf.data(), acc.data(), S.data(),
-                                           m.data(), l.data());
+      decode_item<T, kPaged, kAlibi, kMask>(p, bh / p.Hkv, bh % p.Hkv, split, qf.data(), qh.data(), acc.data(),
+                                           S.data(), m.data(), l.data());
     }
   });
   if (p.splits > 1) combine_splits<T>(p);
@@ -437,6 +520,14 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q, const at::Ten
   p.B = B; p.H = H; p.Hkv = Hkv; p.Nq = Nq; p.D = D; p.Dp = (D + kV - 1) / kV * kV; p.splits = num_splits;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.Dh = (D + 31) / 32 * 32;
+#ifdef PYATTN_DPBF16
+  // PYATTN_CPU_DECODE_DPBF16=0 keeps the widening fp32 path for bf16 caches
+  static const bool cpu_has_bf16_dot = __builtin_cpu_supports("avx512bf16");
+  const char* dp_env = std::getenv("PYATTN_CPU_DECODE_DPBF16");
+  const bool has_bf16_dot = cpu_has_bf16_dot && !(dp_env != nullptr && std::string(dp_env) == "0");
+  p.dpbf16 = q.scalar_type() == at::kBFloat16 && has_bf16_dot;
+#endif
   const int64_t R = (H / Hkv) * Nq;
   at::Tensor part_out, part_ml;
   if (num_splits > 1) {
