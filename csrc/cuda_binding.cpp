@@ -421,3 +421,119 @@ TORCH_LIBRARY_IMPL(pyattn_cuda, CUDA, m) {
 }
 
 }  // namespace pyattn_cuda
+
+// ====================================================================================================
+// KV-cache decoding attention (csrc/cuda/decode.cu): pyattn_cuda.decode_fwd / pyattn_cuda.decode_append.
+// A self-contained block: its own launcher declarations, checks and op registration.
+// ====================================================================================================
+extern "C" {
+cudaError_t pyattn_cuda_decode_fwd(int dtype, const void* q, const int64_t* q_st, const void* k, const int64_t* k_st,
+                                   const void* v, const int64_t* v_st, const int32_t* seqlens,
+                                   const int32_t* block_table, int64_t bt_s0, int64_t bt_s1, int64_t page_size,
+                                   const float* alibi, int64_t B, int64_t H, int64_t Hkv, int64_t Nq, int64_t D,
+                                   float scale, int64_t window_left, int64_t window_right, int64_t n_appended,
+                                   int64_t splits, void* out, float* lse, float* part_out, float* part_lse,
+                                   cudaStream_t stream);
+cudaError_t pyattn_cuda_decode_append(int dtype, void* cache, const int64_t* c_st, const void* src,
+                                      const int64_t* s_st, const int32_t* seqlens, const int32_t* block_table,
+                                      int64_t bt_s0, int64_t bt_s1, int64_t page_size, int64_t B, int64_t Hkv,
+                                      int64_t N, int64_t D, cudaStream_t stream);
+}
+
+namespace pyattn_cuda_decode {
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: TORCH_CHECK(false, "pyattn_cuda.decode: unsupported dtype ", t.scalar_type());
+  }
+  return -1;
+}
+
+// Arguments are validated by pyattn/ops/decode.py; these checks guard memory safety only.
+std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                              const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                                              const std::optional<at::Tensor>& alibi_slopes, double scale,
+                                              int64_t window_left, int64_t window_right, int64_t n_appended,
+                                              int64_t num_splits) {
+  TORCH_CHECK(q.is_cuda() && k_cache.device() == q.device() && v_cache.device() == q.device() &&
+                  cache_seqlens.device() == q.device(), "decode_fwd: tensors must be on one CUDA device");
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4, "decode_fwd: 4-D q and caches expected");
+  TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "decode_fwd: unit last strides");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "decode_fwd: dtype mismatch");
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous(), "decode_fwd: cache_seqlens");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && D <= 256 && num_splits >= 1, "decode_fwd: heads, head dim or splits");
+  auto out = at::empty({B, H, Nq, D}, q.options());
+  auto lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
+  if (B == 0 || H == 0 || Nq == 0 || D == 0) return {out.zero_(), lse.fill_(-INFINITY)};
+  const int64_t R = (H / Hkv) * Nq;
+  at::Tensor part_out, part_lse;
+  if (num_splits > 1) {
+    part_out = at::empty({B * Hkv * num_splits * R * D}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({B * Hkv * num_splits * R}, q.options().dtype(at::kFloat));
+  }
+  at::Tensor slopes;
+  if (alibi_slopes.has_value()) slopes = alibi_slopes->to(at::kFloat).expand({B, H}).contiguous();
+  const bool paged = block_table.has_value();
+  if (paged) TORCH_CHECK(block_table->scalar_type() == at::kInt && block_table->dim() == 2, "decode_fwd: block_table");
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)};
+  const int64_t ks[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  const int64_t vs[3] = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
+  const cudaError_t err = pyattn_cuda_decode_fwd(
+      dtype_code(q), q.data_ptr(), qs, k_cache.data_ptr(), ks, v_cache.data_ptr(), vs,
+      cache_seqlens.data_ptr<int32_t>(), paged ? block_table->data_ptr<int32_t>() : nullptr,
+      paged ? block_table->stride(0) : 0, paged ? block_table->stride(1) : 0, paged ? k_cache.size(2) : 0,
+      slopes.defined() ? slopes.data_ptr<float>() : nullptr, B, H, Hkv, Nq, D, static_cast<float>(scale),
+      window_left, window_right, n_appended, num_splits, out.data_ptr(), lse.data_ptr<float>(),
+      num_splits > 1 ? part_out.data_ptr<float>() : nullptr, num_splits > 1 ? part_lse.data_ptr<float>() : nullptr,
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "pyattn_cuda: decode_fwd failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+void decode_append(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_new, const at::Tensor& v_new,
+                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table) {
+  TORCH_CHECK(k_new.dim() == 4 && v_new.sizes() == k_new.sizes(), "decode_append: k_new / v_new shapes");
+  TORCH_CHECK(k_new.scalar_type() == k_cache.scalar_type() && v_new.scalar_type() == v_cache.scalar_type(),
+              "decode_append: dtype mismatch");
+  TORCH_CHECK(k_cache.is_cuda() && k_new.device() == k_cache.device() && cache_seqlens.device() == k_cache.device(),
+              "decode_append: tensors must be on one CUDA device");
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.is_contiguous(), "decode_append: cache_seqlens");
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const bool paged = block_table.has_value();
+  const int64_t B = k_new.size(0), Hkv = k_new.size(1), N = k_new.size(2), D = k_new.size(3);
+  for (int which = 0; which < 2; ++which) {
+    at::Tensor& cache = which == 0 ? k_cache : v_cache;
+    const at::Tensor& src = which == 0 ? k_new : v_new;
+    const int64_t cs[3] = {cache.stride(0), cache.stride(1), cache.stride(2)};
+    const int64_t ss[4] = {src.stride(0), src.stride(1), src.stride(2), src.stride(3)};
+    const cudaError_t err = pyattn_cuda_decode_append(
+        dtype_code(cache), cache.data_ptr(), cs, src.data_ptr(), ss, cache_seqlens.data_ptr<int32_t>(),
+        paged ? block_table->data_ptr<int32_t>() : nullptr, paged ? block_table->stride(0) : 0,
+        paged ? block_table->stride(1) : 0, cache.size(2), B, Hkv, N, D, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess, "pyattn_cuda: decode_append failed: ", cudaGetErrorString(err));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyattn_cuda, m) {
+  m.def("decode_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? block_table, "
+        "Tensor? alibi_slopes, float scale, int window_left, int window_right, int n_appended, int num_splits) "
+        "-> (Tensor, Tensor)");
+  m.def("decode_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, Tensor cache_seqlens, "
+        "Tensor? block_table) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pyattn_cuda, CUDA, m) {
+  m.impl("decode_fwd", &decode_fwd);
+  m.impl("decode_append", &decode_append);
+}
+
+}  // namespace pyattn_cuda_decode

@@ -8,7 +8,9 @@ Importing this module registers pyattn with transformers' public interfaces (ide
     # or, on a loaded model:  model.set_attn_implementation("pyattn")
 
 Every attention layer that goes through ``ALL_ATTENTION_FUNCTIONS`` (BERT, RoBERTa, Llama,
-Mistral, Qwen2/3, ...) then runs :func:`pyattn.attention`. Two functions are registered:
+Mistral, Qwen2/3, ...) then runs :func:`pyattn.attention`, and generation steps (a few queries
+against a much longer key/value cache, no padding) run :func:`pyattn.decode_attention`. Two
+functions are registered:
 
 * ``AttentionInterface["pyattn"]`` -> :func:`pyattn_attention_forward`, called by each attention
   layer as ``fn(module, query, key, value, attention_mask, dropout=, scaling=, **kwargs)`` with
@@ -76,6 +78,7 @@ from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 from ..attention import attention as _attention  # noqa: E402
 from ..attention import varlen_attention as _varlen_attention  # noqa: E402
+from ..ops.decode import decode_attention as _decode_attention  # noqa: E402
 
 #: whether BERT / RoBERTa-family models of the installed transformers can use "pyattn"
 BERT_USES_ATTENTION_INTERFACE = _Version(_transformers.__version__) >= _Version(BERT_MIN_TRANSFORMERS_VERSION)
@@ -277,7 +280,11 @@ def pyattn_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
                                 cu_q, cu_k, int(max_q), int(max_k), causal=causal_flag, window=window, **common)
         return out.unsqueeze(0).contiguous(), None  # (total, H, D) -> (1, Nq, H, D)
 
-    if attention_mask is None:
+    decode = _decode_window(query, key, value, attention_mask, common)
+    if decode is not None:
+        # a generation step (a few queries against a long cache): the split-K decode kernels
+        out = _decode_step(query, key, value, decode[0], decode[1], scaling)
+    elif attention_mask is None:
         # transformers' sdpa: causal (top-left) only when there is more than one query
         causal = causal_flag and Nq > 1
         window = None
@@ -294,6 +301,42 @@ def pyattn_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
                 mask = mask[..., :Nk]
             out = _attention(query, key, value, attn_mask=mask, **common)
     return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------------
+# decode steps
+#: a call is a decode step when it has at most this many queries and this many times more keys
+DECODE_MAX_QUERIES = 16
+DECODE_MIN_KEYS_PER_QUERY = 4
+
+
+def _decode_window(query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], common: dict):
+    """(causal, window) for :func:`pyattn.decode_attention` when this call is a decode step whose
+    mask it can express (no padding, bottom-right causal / window band); None otherwise."""
+    Nq, Nk = query.shape[2], key.shape[2]
+    if not (1 <= Nq <= DECODE_MAX_QUERIES and Nk >= DECODE_MIN_KEYS_PER_QUERY * Nq):
+        return None
+    if common.get("dropout_p") or "bias" in common or key.stride(-1) != 1 or value.stride(-1) != 1 \
+            or query.dtype != key.dtype:
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return None
+    if attention_mask is None:
+        # transformers' sdpa with no mask: a single query attends to every key
+        return (True, None) if Nq == 1 else None
+    info = mask_info(attention_mask)
+    if info is None or info.key_padding_mask is not None or info.shape[0] != query.shape[0] \
+            or info.shape[2:] != (Nq, Nk) or info.causal_alignment != "bottom_right":
+        return None
+    kw = info.attention_kwargs()
+    return kw["causal"], kw["window"]
+
+
+def _decode_step(query: Tensor, key: Tensor, value: Tensor, causal: bool, window, scale) -> Tensor:
+    """Decode step on the layer's (B, Hkv, Nk, D) key/value cache: every key is valid."""
+    B, Nk = query.shape[0], key.shape[2]
+    seqlens = torch.full((B,), Nk, dtype=torch.int32, device=query.device)
+    return _decode_attention(query, key, value, seqlens, causal=causal, window=window, scale=scale)
 
 
 # --------------------------------------------------------------------------------------------
