@@ -179,7 +179,7 @@ def lsh_attention(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Option
                           key_padding_mask, rotations, seed, scale, dropout_p, return_lse, backend)
     B, H, N, D = qk.shape
     scale = D ** -0.5 if scale is None else float(scale)
-    if N == 0:
+    if qk.numel() == 0:
         out = qk.new_zeros(qk.shape)
         return (out, qk.new_zeros((B, H, 0), dtype=torch.float32)) if return_lse else out
     kpm = key_padding_mask
