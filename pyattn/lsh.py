@@ -16,7 +16,7 @@ from . import _dispatch
 from ._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_shape, \
     check_tensor
 from .ops.lsh import MAX_HEAD_DIM, lsh_forward
-from .reference.lsh import bucket_factors, combine_rounds, hash_buckets, len_norm, mask_values, rotation_size, \
+from .reference.lsh import bucket_factors, hash_buckets, len_norm, mask_values, rotation_size, \
     sort_by_bucket
 
 _ALL_FLOATS = FLOAT_DTYPES + (torch.float64,)
@@ -214,9 +214,8 @@ def lsh_attention(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Option
     if dropout_p > 0:
         drop_seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
     kpm_arg = kpm.contiguous() if kpm is not None else None
-    out_r, lse_r = lsh_forward(_unit_last_stride(qkp), _unit_last_stride(keys), _unit_last_stride(vp), perm,
-                               kpm_arg, L, nb, na, causal, mv, smv, float(dropout_p), drop_seed, name)
-    out, lse = combine_rounds(out_r, lse_r)
+    out, lse, _ = lsh_forward(_unit_last_stride(qkp), _unit_last_stride(keys), _unit_last_stride(vp), perm,
+                              kpm_arg, L, nb, na, causal, mv, smv, float(dropout_p), drop_seed, name)
     if Np != N:
         out, lse = out[:, :, :N], lse[:, :, :N]
     return (out, lse) if return_lse else out

@@ -187,8 +187,9 @@ inline uint32_t dropout_base(const Params& p, int64_t bh) {
   return hash32(uint32_t(uint64_t(p.seed) + uint64_t(bh) * 0x9E3779B9ull));
 }
 
-template <typename T, bool DROP>
-void fwd_kernel(const Params& p, const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, T* out, float* lse) {
+// Round outputs o_r (B, H, R, N, D) of type TO and lse_r (B, H, R, N), at the original positions.
+template <typename T, typename TO, bool DROP>
+void fwd_kernel(const Params& p, const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, TO* out, float* lse) {
   const int64_t L = p.L, W = p.W, D = p.D;
   at::parallel_for(0, p.B * p.H * p.C, 1, [&](int64_t begin, int64_t end) {
     Window w(p);
@@ -219,9 +220,12 @@ void fwd_kernel(const Params& p, const Rows<T>& q, const Rows<T>& k, const Rows<
   });
 }
 
+// The rounds were combined as out = sum_r w_r o_r, w_r = exp(lse_r - lse), so with g = dL/dout and
+// dl = dL/dlse:  dS = w_r P (keep * g V^T - g.out + dl),  dV = (w_r P keep)^T g  -- o_r is not needed.
 template <typename T, bool DROP>
 void bwd_kernel(const Params& p, const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, const T* dout, const T* out,
-                const float* lse, const float* dlse, int64_t G, float* accq, float* acck, float* accv) {
+                const float* lse, const float* dlse, const float* lse_r, int64_t G, float* accq, float* acck,
+                float* accv) {
   const int64_t L = p.L, W = p.W, D = p.D, N = p.N, chunks_per_round = p.N / p.L;
   at::parallel_for(0, p.B * p.H * G, 1, [&](int64_t begin, int64_t end) {
     Window w(p);
@@ -238,15 +242,21 @@ void bwd_kernel(const Params& p, const Rows<T>& q, const Rows<T>& k, const Rows<
         for (int64_t c = r * chunks_per_round; c < (r + 1) * chunks_per_round; ++c) {
           gather_window(p, b, h, c, q, k, v, w);
           masked_scores(p, w, cst.data());
-          // dP = dO V^T
-          for (int64_t i = 0; i < L; ++i)
-            pyattn_cpu::to_float(dout + ((bh * p.R + r) * N + w.pq[i]) * D, dO.data() + i * D, D);
+          // dO = w_r g, then dP = dO V^T
+          float delta[1024], dl[1024];
+          for (int64_t i = 0; i < L; ++i) {
+            const int64_t row = bh * N + w.pq[i];
+            const float wr = p.R == 1 ? 1.f : std::exp(lse_r[(bh * p.R + r) * N + w.pq[i]] - lse[row]);
+            float* dOi = dO.data() + i * D;
+            pyattn_cpu::to_float(dout + row * D, dOi, D);
+            pyattn_cpu::to_float(out + row * D, Orow.data(), D);
+            delta[i] = wr * pyattn_cpu::dot(dOi, Orow.data(), D);
+            dl[i] = wr * dlse[row];
+            for (int64_t d = 0; d < D; ++d) dOi[d] *= wr;
+          }
           sgemm(true, false, W, L, D, w.V.data(), D, dO.data(), D, dP.data(), W);
           for (int64_t i = 0; i < L; ++i) {
-            const int64_t orow = (bh * p.R + r) * N + w.pq[i];
-            pyattn_cpu::to_float(out + orow * D, Orow.data(), D);
-            const float delta = pyattn_cpu::dot(dO.data() + i * D, Orow.data(), D);
-            const float li = lse[orow], dli = dlse[orow];
+            const float li = lse_r[(bh * p.R + r) * N + w.pq[i]], dli = dl[i];
             float* srow = w.S.data() + i * W;  // becomes P * keep (for dV)
             float* dprow = dP.data() + i * W;  // becomes dS
             const uint8_t* crow = cst.data() + i * W;
@@ -254,7 +264,7 @@ void bwd_kernel(const Params& p, const Rows<T>& q, const Rows<T>& k, const Rows<
             for (int64_t j = 0; j < W; ++j) {
               const float z = DROP ? keep_scale(p, a, c * L + i, w.kglob[j]) : 1.f;
               const float pij = srow[j];
-              dprow[j] = crow[j] ? 0.f : pij * (z * dprow[j] - delta + dli);
+              dprow[j] = crow[j] ? 0.f : pij * (z * dprow[j] - delta[i] + dli);
               if constexpr (DROP) srow[j] = pij * z;
             }
           }
@@ -317,33 +327,74 @@ void dispatch_dtype(at::ScalarType st, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> lsh_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const at::Tensor& perm, const std::optional<at::Tensor>& kpm,
-                                                     int64_t L, int64_t nb, int64_t na, bool causal, double mv,
-                                                     double smv, double dropout_p, int64_t threshold, int64_t seed) {
+// out = sum_r w_r o_r, lse = logsumexp_r lse_r, w_r = exp(lse_r - lse) (transformers' formula).
+template <typename T>
+void combine_rounds(const Params& p, const float* o_r, const float* lse_r, T* out, float* lse) {
+  const int64_t R = p.R, N = p.N, D = p.D;
+  at::parallel_for(0, p.B * p.H * N, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D), wr(R);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / N, n = row % N;
+      float m = kNegInf;
+      for (int64_t r = 0; r < R; ++r) m = std::max(m, lse_r[(bh * R + r) * N + n]);
+      float s = 0.f;
+      for (int64_t r = 0; r < R; ++r) s += std::exp(lse_r[(bh * R + r) * N + n] - m);
+      const float l = m + std::log(s);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t r = 0; r < R; ++r) {
+        const fVec w(std::exp(lse_r[(bh * R + r) * N + n] - l));
+        const float* src = o_r + ((bh * R + r) * N + n) * D;
+        int64_t d = 0;
+        for (; d + fVec::size() <= D; d += fVec::size())
+          at::vec::fmadd(fVec::loadu(src + d), w, fVec::loadu(acc.data() + d)).store(acc.data() + d);
+        const float ws = std::exp(lse_r[(bh * R + r) * N + n] - l);
+        for (; d < D; ++d) acc[d] += ws * src[d];
+      }
+      pyattn_cpu::from_float(acc.data(), out + row * D, D);
+      lse[row] = l;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lsh_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& perm,
+    const std::optional<at::Tensor>& kpm, int64_t L, int64_t nb, int64_t na, bool causal, double mv, double smv,
+    double dropout_p, int64_t threshold, int64_t seed) {
   const Params p = make_params(q, perm, kpm, L, nb, na, causal, mv, smv, dropout_p, threshold, seed);
-  at::Tensor out = pyattn_cpu::empty_output({p.B, p.H, p.R, p.N, p.D}, q.options());
-  at::Tensor lse = at::empty({p.B, p.H, p.R, p.N}, q.options().dtype(at::kFloat));
+  at::Tensor out = pyattn_cpu::empty_output({p.B, p.H, p.N, p.D}, q.options());
+  at::Tensor lse_r = at::empty({p.B, p.H, p.R, p.N}, q.options().dtype(at::kFloat));
+  at::Tensor lse = p.R == 1 ? lse_r.view({p.B, p.H, p.N}) : at::empty({p.B, p.H, p.N}, lse_r.options());
+  at::Tensor o_r = p.R == 1 ? at::Tensor() : pyattn_cpu::empty_output({p.B, p.H, p.R, p.N, p.D}, lse_r.options());
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto drop) {
-      fwd_kernel<T, decltype(drop)::value>(p, rows_of<T>(q), rows_of<T>(k), rows_of<T>(v), out.data_ptr<T>(),
-                                           lse.data_ptr<float>());
+      constexpr bool DROP = decltype(drop)::value;
+      if (p.R == 1) {
+        fwd_kernel<T, T, DROP>(p, rows_of<T>(q), rows_of<T>(k), rows_of<T>(v), out.data_ptr<T>(),
+                               lse_r.data_ptr<float>());
+      } else {
+        fwd_kernel<T, float, DROP>(p, rows_of<T>(q), rows_of<T>(k), rows_of<T>(v), o_r.data_ptr<float>(),
+                                   lse_r.data_ptr<float>());
+        combine_rounds<T>(p, o_r.data_ptr<float>(), lse_r.data_ptr<float>(), out.data_ptr<T>(),
+                          lse.data_ptr<float>());
+      }
     };
     if (dropout_p > 0) run(std::true_type{});
     else run(std::false_type{});
   });
-  return {out, lse};
+  return {out, p.R == 1 ? lse.clone() : lse, lse_r};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lsh_attention_bwd(
     const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& perm, const std::optional<at::Tensor>& kpm,
-    int64_t L, int64_t nb, int64_t na, bool causal, double mv, double smv, double dropout_p, int64_t threshold,
-    int64_t seed) {
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& lse_r, const at::Tensor& perm,
+    const std::optional<at::Tensor>& kpm, int64_t L, int64_t nb, int64_t na, bool causal, double mv, double smv,
+    double dropout_p, int64_t threshold, int64_t seed) {
   const Params p = make_params(q, perm, kpm, L, nb, na, causal, mv, smv, dropout_p, threshold, seed);
-  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous() && dlse.is_contiguous(),
-              "pyattn_cpu.lsh_attention_bwd: dout, out, lse, dlse must be contiguous");
+  TORCH_CHECK(p.L <= 1024, "pyattn_cpu.lsh_attention_bwd: chunk_length must be <= 1024");
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous() && dlse.is_contiguous() &&
+                  lse_r.is_contiguous(),
+              "pyattn_cpu.lsh_attention_bwd: dout, out, lse, dlse, lse_r must be contiguous");
   // Enough round groups to keep every thread busy; each group owns an accumulator.
   const int64_t threads = at::get_num_threads();
   const int64_t G = std::min<int64_t>(p.R, std::max<int64_t>(1, (4 * threads + p.B * p.H - 1) / (p.B * p.H)));
@@ -352,11 +403,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsh_attention_bwd(
   at::Tensor ak = pyattn_cpu::zeros_output({G, p.B, p.H, p.N, p.D}, fopt);
   at::Tensor av = pyattn_cpu::zeros_output({G, p.B, p.H, p.N, p.D}, fopt);
   at::Tensor lse32 = lse.to(at::kFloat).contiguous(), dlse32 = dlse.to(at::kFloat).contiguous();
+  at::Tensor lser32 = lse_r.to(at::kFloat).contiguous();
   dispatch_dtype(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto drop) {
       bwd_kernel<T, decltype(drop)::value>(p, rows_of<T>(q), rows_of<T>(k), rows_of<T>(v), dout.data_ptr<T>(),
-                                           out.data_ptr<T>(), lse32.data_ptr<float>(), dlse32.data_ptr<float>(), G,
+                                           out.data_ptr<T>(), lse32.data_ptr<float>(), dlse32.data_ptr<float>(),
+                                           lser32.data_ptr<float>(), G,
                                            aq.data_ptr<float>(), ak.data_ptr<float>(), av.data_ptr<float>());
     };
     if (dropout_p > 0) run(std::true_type{});
@@ -375,9 +428,10 @@ TORCH_LIBRARY_FRAGMENT(pyattn_cpu, m) {
   m.def(
       "lsh_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor perm, Tensor? key_padding_mask, int chunk_length, "
       "int chunks_before, int chunks_after, bool causal, float mask_value, float self_mask_value, float dropout_p, "
-      "int dropout_threshold, int seed) -> (Tensor, Tensor)");
+      "int dropout_threshold, int seed) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "lsh_attention_bwd(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor perm, "
+      "lsh_attention_bwd(Tensor dout, Tensor dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor lse_r, "
+      "Tensor perm, "
       "Tensor? key_padding_mask, int chunk_length, int chunks_before, int chunks_after, bool causal, "
       "float mask_value, float self_mask_value, float dropout_p, int dropout_threshold, int seed) "
       "-> (Tensor, Tensor, Tensor)");

@@ -67,6 +67,13 @@ def len_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + eps)
 
 
+def _argmax_signed(x: Tensor) -> Tensor:
+    """argmax(cat([x, -x], -1), -1) without building the concatenation (same first-index ties)."""
+    mx, imx = x.max(-1)
+    mn, imn = x.min(-1)
+    return torch.where(mx >= -mn, imx, imn + x.shape[-1])
+
+
 def hash_buckets(qk: Tensor, n_buckets: Union[int, Sequence[int]], rotations: Tensor,
                  key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """Buckets (B, H, R, N) int64 of qk (B, H, N, D) under rotations (H, D, R, rotation_size // 2).
@@ -77,13 +84,13 @@ def hash_buckets(qk: Tensor, n_buckets: Union[int, Sequence[int]], rotations: Te
     rotated = torch.einsum("bmtd,mdhr->bmhtr", qk.detach(), rotations.to(qk.dtype))
     factors = bucket_factors(n_buckets)
     if len(factors) == 1:
-        buckets = torch.argmax(torch.cat([rotated, -rotated], dim=-1), dim=-1)
+        buckets = _argmax_signed(rotated)
     else:
         buckets, start, product = None, 0, 1
         for f in factors:
             part = rotated[..., start:start + f // 2]
             start += f // 2
-            b = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
+            b = _argmax_signed(part)
             buckets = b if buckets is None else buckets + product * b
             product *= f
     if key_padding_mask is not None:
@@ -235,7 +242,7 @@ def combine_rounds(out_r: Tensor, lse_r: Tensor) -> Tuple[Tensor, Tensor]:
     """(B, H, R, N, D), (B, H, R, N) -> out (B, H, N, D), lse (B, H, N): rounds weighted by
     softmax over their log-sum-exp, as transformers does (no duplicate-count correction)."""
     if out_r.shape[2] == 1:
-        return out_r[:, :, 0], lse_r[:, :, 0]
+        return out_r[:, :, 0].clone(), lse_r[:, :, 0].clone()
     acc = torch.promote_types(out_r.dtype, torch.float32)
     lse_r = lse_r.to(acc)
     lse = torch.logsumexp(lse_r, dim=2, keepdim=True)
