@@ -88,14 +88,12 @@ inline void exp_scale(float* x, int64_t n, float m, float scale) {
   for (; c < n; ++c) x[c] = std::exp(x[c] - m) * scale;
 }
 
-// sum of exp(x - m)
-inline float exp_sum(const float* x, int64_t n, float m) {
-  const fVec vm(m);
+inline float row_sum(const float* x, int64_t n) {
   fVec acc(0.f);
   int64_t c = 0;
-  for (; c + fVec::size() <= n; c += fVec::size()) acc = acc + (fVec::loadu(x + c) - vm).exp();
+  for (; c + fVec::size() <= n; c += fVec::size()) acc = acc + fVec::loadu(x + c);
   float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
-  for (; c < n; ++c) s += std::exp(x[c] - m);
+  for (; c < n; ++c) s += x[c];
   return s;
 }
 
@@ -203,8 +201,12 @@ void fwd_kernel(const Params& p, const Rows<T>& q, const Rows<T>& k, const Rows<
         float* srow = w.S.data() + i * W;
         float m = kNegInf;
         for (int64_t j = 0; j < W; ++j) m = std::max(m, srow[j]);
-        const float sum = exp_sum(srow, W, m);
-        exp_scale(srow, W, m, 1.f / sum);
+        exp_scale(srow, W, m, 1.f);
+        const float sum = row_sum(srow, W);
+        const fVec inv(1.f / sum);
+        int64_t j = 0;
+        for (; j + fVec::size() <= W; j += fVec::size()) (fVec::loadu(srow + j) * inv).store(srow + j);
+        for (; j < W; ++j) srow[j] *= 1.f / sum;
         if constexpr (DROP) {
           for (int64_t j = 0; j < W; ++j) srow[j] *= keep_scale(p, a, c * L + i, w.kglob[j]);
         }
