@@ -269,3 +269,20 @@ def _call(**over):
 def test_bad_input(over, exc, word):
     with pytest.raises(exc, match=word):
         _call(**over)
+
+
+def test_module_from_config_loads_transformers_weights_and_matches():
+    transformers = pytest.importorskip("transformers")
+    m = _hf_module(2, 8, 16, 2, 4, True)
+    mine = pyattn.nn.LSHSelfAttention.from_config(m.config, backend="cpu")
+    mine.load_state_dict(m.state_dict())
+    x = torch.randn(2, 64, 16)
+    am = torch.ones(2, 64, dtype=torch.long)
+    am[1, :4] = 0
+    with torch.no_grad():
+        hf = m(x, attention_mask=am).hidden_states
+    out = mine(x.requires_grad_(), attention_mask=am)
+    assert max_err(out, hf) < 1e-4
+    out.sum().backward()
+    assert mine.query_key.weight.grad is not None and mine.value.weight.grad.abs().sum() > 0
+    assert "num_hashes=2" in repr(mine)
