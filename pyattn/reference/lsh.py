@@ -81,7 +81,11 @@ def hash_buckets(qk: Tensor, n_buckets: Union[int, Sequence[int]], rotations: Te
     Key-padding positions (True = pad) get the extra bucket ``total_buckets(n_buckets)``.
     Equivalent to ``LSHSelfAttention._hash_vectors`` without the round offsets.
     """
-    rotated = torch.einsum("bmtd,mdhr->bmhtr", qk.detach(), rotations.to(qk.dtype))
+    H, D, R, half = rotations.shape
+    # (B, H, N, D) @ (H, D, R * half): the products of transformers' einsum("bmtd,mdhr->bmhtr"),
+    # laid out with the rotation index last so the argmax reads contiguous memory
+    rotated = torch.matmul(qk.detach(), rotations.to(qk.dtype).reshape(H, D, R * half))
+    rotated = rotated.view(*qk.shape[:3], R, half)
     factors = bucket_factors(n_buckets)
     if len(factors) == 1:
         buckets = _argmax_signed(rotated)
@@ -93,6 +97,7 @@ def hash_buckets(qk: Tensor, n_buckets: Union[int, Sequence[int]], rotations: Te
             b = _argmax_signed(part)
             buckets = b if buckets is None else buckets + product * b
             product *= f
+    buckets = buckets.transpose(2, 3)  # (B, H, R, N)
     if key_padding_mask is not None:
         pad_bucket = torch.full((), total_buckets(n_buckets), dtype=buckets.dtype, device=buckets.device)
         buckets = torch.where(key_padding_mask[:, None, None, :], pad_bucket, buckets)
