@@ -10,10 +10,12 @@ from .attention import attention, sdpa, varlen_attention
 from .masks import pad, unpad
 from .ops.decode import decode_attention
 from .kv_cache import PagedKVCache
+from .lsh import lsh_attention
 from .integrations.patching import patch, unpatch
 from . import nn
 
 from ._version import __version__
 
-__all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError", "__version__",
-           "decode_attention", "PagedKVCache"]
+__all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "lsh_attention", "decode_attention",
+           "PagedKVCache", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError",
+           "__version__"]

@@ -2,5 +2,6 @@
 from .attention import MultiheadAttention
 from .glu import GLUFeedForward
 from .rms_norm import RMSNorm
+from .lsh import LSHSelfAttention
 
-__all__ = ["RMSNorm", "MultiheadAttention", "GLUFeedForward"]
+__all__ = ["RMSNorm", "MultiheadAttention", "GLUFeedForward", "LSHSelfAttention"]
