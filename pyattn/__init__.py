@@ -8,9 +8,12 @@ from .ops.rms_norm import rms_norm
 from .ops.glu import glu, glu_ffn
 from .attention import attention, sdpa, varlen_attention
 from .masks import pad, unpad
+from .block_mask import BlockMask
+from .block_sparse import block_sparse_attention
+from . import layouts
 from .integrations.patching import patch, unpatch
 from . import nn
 
 __version__ = "0.1.0"
 
-__all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError", "__version__"]
+__all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "pad", "unpad", "BlockMask", "block_sparse_attention", "layouts", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError", "__version__"]
