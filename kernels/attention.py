@@ -615,7 +615,10 @@ def _fit(block, schedule, which):
     """Tile size lined up with the schedule: a divisor of its block (all are powers of two)."""
     if schedule is None:
         return block
-    return min(block, schedule.block_q if which == "q" else schedule.block_k)
+    sched_block = schedule.block_q if which == "q" else schedule.block_k
+    if INTERPRET:  # fewer, larger tiles (the interpreter's cost is per tile); 128-blocks still split in two
+        return min(64, sched_block)
+    return min(block, sched_block)
 
 
 def attention_forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,

@@ -77,7 +77,7 @@ def pack_bits(mask: Tensor) -> Tensor:
     pad = nbytes * 8 - nk
     if pad:
         mask = torch.nn.functional.pad(mask, (0, pad))
-    m = mask.view(*mask.shape[:-1], nbytes, 8)
+    m = mask.reshape(*mask.shape[:-1], nbytes, 8)
     out = m[..., 0].to(torch.uint8)
     for b in range(1, 8):
         out |= m[..., b].to(torch.uint8) << b
@@ -123,7 +123,14 @@ class BlockMask:
         fkvn, fkvi = _lists_from_bools(full)
         qn, qi = _lists_from_bools(partial.transpose(-1, -2))
         fqn, fqi = _lists_from_bools(full.transpose(-1, -2))
-        return cls(kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, (int(bq), int(bk)), (int(nq), int(nk)), mask_bits)
+        # lists made here are valid by construction: skip the (synchronising) validation
+        out = cls.__new__(cls)
+        fields = dict(kv_num_blocks=kvn, kv_indices=kvi, full_kv_num_blocks=fkvn, full_kv_indices=fkvi,
+                      q_num_blocks=qn, q_indices=qi, full_q_num_blocks=fqn, full_q_indices=fqi,
+                      block_size=(int(bq), int(bk)), seq_lengths=(int(nq), int(nk)), mask_bits=mask_bits)
+        for name, value in fields.items():
+            object.__setattr__(out, name, value)
+        return out
 
     @classmethod
     def from_dense(cls, layout: Tensor, *, block_size=64, seq_lengths: Optional[Tuple[int, int]] = None) -> "BlockMask":
@@ -151,10 +158,12 @@ class BlockMask:
         return cls.from_block_bools(layout.contiguous(), block_size=(bq, bk), seq_lengths=(nq, nk))
 
     @classmethod
-    def from_bool_mask(cls, mask: Tensor, *, block_size=64) -> "BlockMask":
+    def from_bool_mask(cls, mask: Tensor, *, block_size=64, always_bits: bool = False) -> "BlockMask":
         """From an element mask bool (Bm, Hm, Nq, Nk) (True = visible; broadcast dims may be
         expanded with stride 0 and stay size-1 in the schedule). Blocks with no visible element
-        are skipped, blocks with all visible are full, the rest partial with their elements as bits."""
+        are skipped, blocks with all visible are full, the rest partial with their elements as bits
+        (1/8 byte per element; no float tensor is made). ``always_bits`` keeps the bits even when
+        no block is partial, which avoids a device synchronisation (per-call use)."""
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be bool, got {mask.dtype}")
         if mask.dim() != 4:
@@ -167,22 +176,22 @@ class BlockMask:
             mask = mask[:, :1]
         Bm, Hm, nq, nk = mask.shape
         nqb, nkb = _cdiv(nq, bq), _cdiv(nk, bk)
-        anyb = torch.zeros(Bm, Hm, nqb, nkb, dtype=torch.bool, device=mask.device)
-        allb = torch.zeros_like(anyb)
-        rows_per_chunk = max(bq, (1 << 24) // max(1, Bm * Hm * nk) // bq * bq)
-        for r0 in range(0, nq, rows_per_chunk):  # bounded temporaries (a few block rows at a time)
+        anys, alls = [], []
+        rows_per_chunk = max(bq, (1 << 22) // max(1, Bm * Hm * nk) // bq * bq)
+        for r0 in range(0, nq, rows_per_chunk):  # bounded bool temporaries (a few block rows at a time)
             chunk = mask[:, :, r0:r0 + rows_per_chunk]
             rows = chunk.shape[2]
             cqb = _cdiv(rows, bq)
-            padded = torch.nn.functional.pad(chunk, (0, nkb * bk - nk, 0, cqb * bq - rows))
-            blocks = padded.reshape(Bm, Hm, cqb, bq, nkb, bk)
-            anyb[:, :, r0 // bq:r0 // bq + cqb] = blocks.any(5).any(3)
-            cnt = blocks.sum((3, 5), dtype=torch.int32)
-            qn = torch.clamp(nq - (r0 + torch.arange(cqb, device=mask.device) * bq), max=bq)
-            kn = torch.clamp(nk - torch.arange(nkb, device=mask.device) * bk, max=bk)
-            allb[:, :, r0 // bq:r0 // bq + cqb] = cnt == (qn[:, None] * kn[None, :])
+            pads = (0, nkb * bk - nk, 0, cqb * bq - rows)
+            # elements past the sequence ends count as invisible for "any" and visible for "all"
+            lo = torch.nn.functional.pad(chunk, pads, value=False).reshape(Bm, Hm, cqb, bq, nkb, bk)
+            anys.append(lo.any(5).any(3))
+            hi = torch.nn.functional.pad(chunk, pads, value=True).reshape(Bm, Hm, cqb, bq, nkb, bk)
+            alls.append(hi.all(5).all(3))
+        anyb = torch.cat(anys, 2) if anys else torch.zeros(Bm, Hm, 0, nkb, dtype=torch.bool, device=mask.device)
+        allb = torch.cat(alls, 2) if alls else anyb
         partial = anyb & ~allb
-        bits = pack_bits(mask) if bool(partial.any()) else None
+        bits = pack_bits(mask) if (always_bits or bool(partial.any())) else None
         return cls.from_block_bools(allb, partial, block_size=(bq, bk), seq_lengths=(nq, nk), mask_bits=bits)
 
     # ---------------------------------------------------------------- properties

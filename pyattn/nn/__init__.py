@@ -1,6 +1,7 @@
 """``torch.nn`` modules built on pyattn ops."""
 from .attention import MultiheadAttention
+from .block_sparse import BlockSparseSelfAttention
 from .glu import GLUFeedForward
 from .rms_norm import RMSNorm
 
-__all__ = ["RMSNorm", "MultiheadAttention", "GLUFeedForward"]
+__all__ = ["RMSNorm", "MultiheadAttention", "BlockSparseSelfAttention", "GLUFeedForward"]
