@@ -74,11 +74,13 @@ def _dropout_keep(row_hash, offs_n, threshold):
 @triton.jit
 def _scores(q, k_ptrs, offs_m, offs_n, d_ok, Nq, Nk, off, qk_scale,
             bias_ptr, stride_bias_m, stride_bias_n, slope2, kpm_ptr, stride_kpm_n,
-            window_left, window_right,
+            window_left, window_right, bits_ptr, stride_bits_m, partial,
             HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_PADDING: tl.constexpr,
-            HAS_WINDOW: tl.constexpr):
+            HAS_WINDOW: tl.constexpr, HAS_BITS: tl.constexpr):
     """Scores of one (BLOCK_M, BLOCK_N) tile in log2 units (s * log2(e)); invisible -> -inf.
-    k_ptrs points at the (BLOCK_N, BLOCK_D) key tile (rows offs_n)."""
+    k_ptrs points at the (BLOCK_N, BLOCK_D) key tile (rows offs_n). With HAS_BITS, a ``partial``
+    tile of a block schedule also applies the packed element mask (bit j % 8 of byte j // 8 of
+    row i); full tiles skip its loads."""
     n_ok = offs_n < Nk
     k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32)) * qk_scale
@@ -97,7 +99,30 @@ def _scores(q, k_ptrs, offs_m, offs_n, d_ok, Nq, Nk, off, qk_scale,
     if HAS_PADDING:
         kp = tl.load(kpm_ptr + offs_n * stride_kpm_n, mask=n_ok, other=0)
         valid = valid & (kp != 0)[None, :]
+    if HAS_BITS:
+        byte = tl.load(bits_ptr + offs_m[:, None] * stride_bits_m + (offs_n[None, :] >> 3),
+                       mask=valid & partial, other=0)
+        bit = ((byte.to(tl.int32) >> (offs_n[None, :] & 7)) & 1) != 0
+        valid = valid & (bit | (partial == 0))
     return tl.where(valid, s, float("-inf")), k
+
+
+@triton.jit
+def _schedule_step(it, PNum, PIdx, FNum, FIdx, row, n_other, SCHED_B: tl.constexpr, SUB: tl.constexpr,
+                   TILE: tl.constexpr):
+    """Start of the ``it``-th tile of a block schedule row (partial blocks first, then full ones;
+    SUB tiles of TILE per block of SCHED_B) and whether it is partial."""
+    n_part = tl.load(PNum + row)
+    blk = it // SUB
+    partial = blk < n_part
+    kb = tl.load(PIdx + row * n_other + blk, mask=partial, other=0) + \
+        tl.load(FIdx + row * n_other + blk - n_part, mask=blk >= n_part, other=0)
+    return kb * SCHED_B + (it % SUB) * TILE, partial
+
+
+@triton.jit
+def _schedule_len(PNum, FNum, row, SUB: tl.constexpr):
+    return (tl.load(PNum + row) + tl.load(FNum + row)) * SUB
 
 
 @triton.jit
@@ -124,7 +149,7 @@ def _seq_info(pid_b, CuQ, CuK, Nq_arg, Nk_arg, bottom_right, IS_VARLEN: tl.const
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["H", "GROUP", "Nq_arg", "Nk_arg", "D", "window_left", "window_right", "bottom_right", "dropout_threshold", "seed"])
 def _attention_fwd_kernel(
-    Q, K, V, Out, Lse, Bias, Slopes, Kpm, CuQ, CuK,
+    Q, K, V, Out, Lse, Bias, Slopes, Kpm, CuQ, CuK, PNum, PIdx, FNum, FIdx, Bits,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -133,11 +158,13 @@ def _attention_fwd_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_sb, stride_sh,
     stride_kpb, stride_kpn,
+    stride_schb, stride_schh, n_qblocks, n_kblocks, stride_bitsb, stride_bitsh, stride_bitsm,
     H, GROUP, Nq_arg, Nk_arg, D,
     scale, window_left, window_right, bottom_right,
     dropout_scale, dropout_threshold, seed,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SCHED: tl.constexpr, HAS_BITS: tl.constexpr, SCHED_BQ: tl.constexpr, SCHED_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -181,14 +208,29 @@ def _attention_fwd_kernel(
         if window_right >= 0:
             hi = tl.minimum(last_m + off + window_right + 1, Nk)
 
+    # the key tiles to visit: the band [lo, hi), or the listed blocks of a schedule
+    sched_row = pid_b * stride_schb + pid_h * stride_schh + start_m // SCHED_BQ
+    bits_ptr = Bits + pid_b * stride_bitsb + pid_h * stride_bitsh
+    if HAS_SCHED:
+        n_iter = _schedule_len(PNum, FNum, sched_row, SCHED_BK // BLOCK_N)
+    else:
+        n_iter = tl.cdiv(hi - lo, BLOCK_N)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(0, n_iter):
+        if HAS_SCHED:
+            start_n, partial = _schedule_step(it, PNum, PIdx, FNum, FIdx, sched_row, n_kblocks, SCHED_BK,
+                                              SCHED_BK // BLOCK_N, BLOCK_N)
+        else:
+            start_n = lo + it * BLOCK_N
+            partial = it < 0
         offs_n = start_n + offs_n0
         s, k = _scores(q, k_base + offs_n[:, None] * stride_kn, offs_m, offs_n, d_ok, Nq, Nk, off,
                        qk_scale, bias_ptr, stride_biasm, stride_biasn, slope2, kpm_ptr, stride_kpn,
-                       window_left, window_right, HAS_BIAS, HAS_ALIBI, HAS_PADDING, HAS_WINDOW)
+                       window_left, window_right, bits_ptr, stride_bitsm, partial,
+                       HAS_BIAS, HAS_ALIBI, HAS_PADDING, HAS_WINDOW, HAS_BITS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
@@ -239,7 +281,7 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit(do_not_specialize=["H", "GROUP", "Nq_arg", "Nk_arg", "D", "window_left", "window_right", "bottom_right", "dropout_threshold", "seed"])
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Bias, Slopes, Kpm, CuQ, CuK,
+    Q, K, V, DO, Lse, Delta, DK, DV, Bias, Slopes, Kpm, CuQ, CuK, PNum, PIdx, FNum, FIdx, Bits,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -250,11 +292,13 @@ def _attention_bwd_dkdv_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_sb, stride_sh,
     stride_kpb, stride_kpn,
+    stride_schb, stride_schh, n_qblocks, n_kblocks, stride_bitsb, stride_bitsh, stride_bitsm,
     H, GROUP, Nq_arg, Nk_arg, D,
     scale, window_left, window_right, bottom_right,
     dropout_scale, dropout_threshold, seed,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SCHED: tl.constexpr, HAS_BITS: tl.constexpr, SCHED_BQ: tl.constexpr, SCHED_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """dk, dv of one key block of one kv head; loops over the GQA group's query heads and the
@@ -304,14 +348,28 @@ def _attention_bwd_dkdv_kernel(
         slope2 = scale * 0.0
         if HAS_ALIBI:
             slope2 = tl.load(Slopes + pid_b * stride_sb + h * stride_sh).to(tl.float32) * _LOG2E_C
-        for start_m in range(lo, hi, BLOCK_M):
+        # the query tiles to visit: the band [lo, hi), or the listed blocks of a schedule
+        sched_row = pid_b * stride_schb + h * stride_schh + start_n // SCHED_BK
+        bits_ptr = Bits + pid_b * stride_bitsb + h * stride_bitsh
+        if HAS_SCHED:
+            n_iter = _schedule_len(PNum, FNum, sched_row, SCHED_BQ // BLOCK_M)
+        else:
+            n_iter = tl.cdiv(hi - lo, BLOCK_M)
+        for it in range(0, n_iter):
+            if HAS_SCHED:
+                start_m, partial = _schedule_step(it, PNum, PIdx, FNum, FIdx, sched_row, n_qblocks, SCHED_BQ,
+                                                  SCHED_BQ // BLOCK_M, BLOCK_M)
+            else:
+                start_m = lo + it * BLOCK_M
+                partial = it < 0
             offs_m = start_m + offs_m0
             m_ok = offs_m < Nq
             md_mask = m_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=md_mask, other=0.0)
             s, k = _scores(q, k_ptrs, offs_m, offs_n, d_ok, Nq, Nk, off,
                            qk_scale, bias_ptr, stride_biasm, stride_biasn, slope2, kpm_ptr, stride_kpn,
-                           window_left, window_right, HAS_BIAS, HAS_ALIBI, HAS_PADDING, HAS_WINDOW)
+                           window_left, window_right, bits_ptr, stride_bitsm, partial,
+                           HAS_BIAS, HAS_ALIBI, HAS_PADDING, HAS_WINDOW, HAS_BITS)
             lse = tl.load(l_base + offs_m, mask=m_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
             p = tl.math.exp2(s - lse2[:, None])
@@ -337,7 +395,7 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["H", "GROUP", "Nq_arg", "Nk_arg", "D", "window_left", "window_right", "bottom_right", "dropout_threshold", "seed"])
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, DBias, Bias, Slopes, Kpm, CuQ, CuK,
+    Q, K, V, DO, Lse, Delta, DQ, DBias, Bias, Slopes, Kpm, CuQ, CuK, PNum, PIdx, FNum, FIdx, Bits,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -348,11 +406,13 @@ def _attention_bwd_dq_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_sb, stride_sh,
     stride_kpb, stride_kpn,
+    stride_schb, stride_schh, n_qblocks, n_kblocks, stride_bitsb, stride_bitsh, stride_bitsm,
     H, GROUP, Nq_arg, Nk_arg, D,
     scale, window_left, window_right, bottom_right,
     dropout_scale, dropout_threshold, seed,
     HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_PADDING: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_SCHED: tl.constexpr, HAS_BITS: tl.constexpr, SCHED_BQ: tl.constexpr, SCHED_BK: tl.constexpr,
     HAS_DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -403,12 +463,26 @@ def _attention_bwd_dq_kernel(
         if window_right >= 0:
             hi = tl.minimum(last_m + off + window_right + 1, Nk)
 
+    sched_row = pid_b * stride_schb + pid_h * stride_schh + start_m // SCHED_BQ
+    bits_ptr = Bits + pid_b * stride_bitsb + pid_h * stride_bitsh
+    if HAS_SCHED:
+        n_iter = _schedule_len(PNum, FNum, sched_row, SCHED_BK // BLOCK_N)
+    else:
+        n_iter = tl.cdiv(hi - lo, BLOCK_N)
+
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
+    for it in range(0, n_iter):
+        if HAS_SCHED:
+            start_n, partial = _schedule_step(it, PNum, PIdx, FNum, FIdx, sched_row, n_kblocks, SCHED_BK,
+                                              SCHED_BK // BLOCK_N, BLOCK_N)
+        else:
+            start_n = lo + it * BLOCK_N
+            partial = it < 0
         offs_n = start_n + offs_n0
         s, k = _scores(q, k_base + offs_n[:, None] * stride_kn, offs_m, offs_n, d_ok, Nq, Nk, off,
                        qk_scale, bias_ptr, stride_biasm, stride_biasn, slope2, kpm_ptr, stride_kpn,
-                       window_left, window_right, HAS_BIAS, HAS_ALIBI, HAS_PADDING, HAS_WINDOW)
+                       window_left, window_right, bits_ptr, stride_bitsm, partial,
+                       HAS_BIAS, HAS_ALIBI, HAS_PADDING, HAS_WINDOW, HAS_BITS)
         p = tl.math.exp2(s - lse2[:, None])
         v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=(offs_n < Nk)[:, None] & d_ok[None, :], other=0.0)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
@@ -470,10 +544,55 @@ def _common_args(q, bias, alibi_slopes, key_padding_mask, is_varlen):
     return bias_t, bias_s, slopes_t, slopes_s, kpm_t, kpm_s
 
 
+class _Schedule:
+    """Kernel arguments of a block schedule (pyattn/block_mask.py): one direction's lists
+    (kv lists for the forward and dq kernels, q lists for the dk/dv kernel) and the mask bits."""
+
+    def __init__(self, lists, bits, block_q, block_k):
+        self.lists, self.bits, self.block_q, self.block_k = lists, bits, block_q, block_k
+
+    def args(self, q, direction):
+        """(pointers, strides, constexprs) for ``direction`` in {"kv", "q"}; dense when self is None."""
+        lists = self.lists[direction]
+        num = lists[2]
+        Bm, Hm, nb = num.shape
+        strides = (Hm * nb if Bm > 1 else 0, nb if Hm > 1 else 0)
+        ptrs = lists
+        if self.bits is not None:
+            bits = self.bits
+            bstr = (bits.stride(0) if bits.shape[0] > 1 else 0, bits.stride(1) if bits.shape[1] > 1 else 0,
+                    bits.stride(2))
+        else:
+            bits, bstr = q, (0, 0, 0)
+        return ptrs, bits, strides, bstr
+
+
+def _schedule_args(schedule, q, direction, Nq, Nk):
+    if schedule is None:
+        return (q, q, q, q, q), (0, 0, 1, 1, 0, 0, 0), dict(HAS_SCHED=False, HAS_BITS=False, SCHED_BQ=16, SCHED_BK=16)
+    ptrs, bits, strides, bstr = schedule.args(q, direction)
+    nqb, nkb = triton.cdiv(Nq, schedule.block_q), triton.cdiv(Nk, schedule.block_k)
+    # kernel order: PNum, PIdx, FNum, FIdx, Bits (lists are (partial num, partial idx, full num, full idx))
+    return ((ptrs[0], ptrs[1], ptrs[2], ptrs[3], bits), (*strides, nqb, nkb, *bstr),
+            dict(HAS_SCHED=True, HAS_BITS=schedule.bits is not None, SCHED_BQ=schedule.block_q,
+                 SCHED_BK=schedule.block_k))
+
+
+def _fit(block, schedule, which):
+    """Tile size lined up with the schedule: a divisor of its block (all are powers of two)."""
+    if schedule is None:
+        return block
+    sched_block = schedule.block_q if which == "q" else schedule.block_k
+    if INTERPRET:  # fewer, larger tiles (the interpreter's cost is per tile); 128-blocks still split in two
+        return min(64, sched_block)
+    return min(block, sched_block)
+
+
 def attention_forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                       max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right,
-                      dropout_p, dropout_threshold, seed):
-    """Returns (out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) fp32). See the attention contract."""
+                      dropout_p, dropout_threshold, seed, schedule=None):
+    """Returns (out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) fp32). See the attention contract.
+    ``schedule``: a :class:`_Schedule` to visit its listed key blocks instead of the band."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     is_varlen = cu_seqlens_q is not None
@@ -485,6 +604,8 @@ def attention_forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_
         return out, lse
     block_d = _block_d(D)
     BM, BN, nw, ns = _config("fwd", block_d, q.dtype, q.device)
+    BM, BN = _fit(BM, schedule, "q"), _fit(BN, schedule, "k")
+    sch_p, sch_s, sch_f = _schedule_args(schedule, q, "kv", Nq, Nk)
     bias_t, bias_s, slopes_t, slopes_s, kpm_t, kpm_s = _common_args(q, bias, alibi_slopes, key_padding_mask, is_varlen)
     if is_varlen:
         n_seq = cu_seqlens_q.numel() - 1
@@ -500,19 +621,19 @@ def attention_forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_
     has_dropout = dropout_p > 0.0
     dscale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse, bias_t, slopes_t, kpm_t, cuq, cuk,
+        q, k, v, out, lse, bias_t, slopes_t, kpm_t, cuq, cuk, *sch_p,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        *bias_s, *slopes_s, *kpm_s,
+        *bias_s, *slopes_s, *kpm_s, *sch_s,
         H, H // Hkv, Nq, Nk, D,
         float(scale), int(window_left), int(window_right), int(bool(bottom_right)),
         float(dscale), int(dropout_threshold), int(seed),
         HAS_BIAS=bias is not None, HAS_ALIBI=alibi_slopes is not None,
         HAS_PADDING=key_padding_mask is not None, HAS_WINDOW=has_window,
-        HAS_DROPOUT=has_dropout, IS_VARLEN=is_varlen,
+        HAS_DROPOUT=has_dropout, IS_VARLEN=is_varlen, **sch_f,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, EVEN_D=block_d == D, num_warps=nw, num_stages=ns,
     )
     return out, lse
@@ -520,8 +641,9 @@ def attention_forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_
 
 def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_mask, cu_seqlens_q,
                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-                       bottom_right, dropout_p, dropout_threshold, seed, bias_requires_grad):
-    """Returns (dq, dk, dv, dbias or None); dk/dv summed over each kv head's query heads (GQA)."""
+                       bottom_right, dropout_p, dropout_threshold, seed, bias_requires_grad, schedule=None):
+    """Returns (dq, dk, dv, dbias or None); dk/dv summed over each kv head's query heads (GQA).
+    ``schedule``: a :class:`_Schedule` with both directions' lists."""
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     is_varlen = cu_seqlens_q is not None
@@ -547,6 +669,10 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
     lse = lse.contiguous()
     BMk, BNk, nwk, nsk = _config("dkdv", block_d, q.dtype, q.device)
     BM, BN, nw, ns = _config("dq", block_d, q.dtype, q.device)
+    BMk, BNk = _fit(BMk, schedule, "q"), _fit(BNk, schedule, "k")
+    BM, BN = _fit(BM, schedule, "q"), _fit(BN, schedule, "k")
+    sk_p, sk_s, sk_f = _schedule_args(schedule, q, "q", Nq, Nk)
+    sq_p, sq_s, sq_f = _schedule_args(schedule, q, "kv", Nq, Nk)
     bias_t, bias_s, slopes_t, slopes_s, kpm_t, kpm_s = _common_args(q, bias, alibi_slopes, key_padding_mask, is_varlen)
     if is_varlen:
         n_seq = cu_seqlens_q.numel() - 1
@@ -562,7 +688,6 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
     has_dropout = dropout_p > 0.0
     dscale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
     common_tail = (
-        *bias_s, *slopes_s, *kpm_s,
         H, H // Hkv, Nq, Nk, D,
         float(scale), int(window_left), int(window_right), int(bool(bottom_right)),
         float(dscale), int(dropout_threshold), int(seed),
@@ -571,7 +696,7 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
                  HAS_PADDING=key_padding_mask is not None, HAS_WINDOW=has_window,
                  HAS_DROPOUT=has_dropout, IS_VARLEN=is_varlen)
     _attention_bwd_dkdv_kernel[grid_k](
-        q, k, v, dout, lse, delta, dk, dv, bias_t, slopes_t, kpm_t, cuq, cuk,
+        q, k, v, dout, lse, delta, dk, dv, bias_t, slopes_t, kpm_t, cuq, cuk, *sk_p,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -579,13 +704,14 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
         lse.stride(0), lse.stride(1),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        *common_tail, **flags,
+        *bias_s, *slopes_s, *kpm_s, *sk_s,
+        *common_tail, **flags, **sk_f,
         BLOCK_M=BMk, BLOCK_N=BNk, BLOCK_D=block_d, EVEN_D=block_d == D, num_warps=nwk, num_stages=nsk,
     )
     dbias_t = dbias if dbias is not None else q
     dbs = (dbias.stride(0), dbias.stride(1), dbias.stride(2)) if dbias is not None else (0, 0, 0)
     _attention_bwd_dq_kernel[grid_q](
-        q, k, v, dout, lse, delta, dq, dbias_t, bias_t, slopes_t, kpm_t, cuq, cuk,
+        q, k, v, dout, lse, delta, dq, dbias_t, bias_t, slopes_t, kpm_t, cuq, cuk, *sq_p,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -593,7 +719,28 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
         lse.stride(0), lse.stride(1),
         dq.stride(0), dq.stride(1), dq.stride(2),
         *dbs,
-        *common_tail, **flags, HAS_DBIAS=dbias is not None,
+        *bias_s, *slopes_s, *kpm_s, *sq_s,
+        *common_tail, **flags, **sq_f, HAS_DBIAS=dbias is not None,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=block_d, EVEN_D=block_d == D, num_warps=nw, num_stages=ns,
     )
     return dq, dk, dv, dbias
+
+
+def block_sparse_forward(q, k, v, kv_lists, mask_bits, key_padding_mask, block_q, block_k, scale, window_left,
+                         window_right, bottom_right, dropout_p, dropout_threshold, seed):
+    """Forward over a block schedule. kv_lists = (kv_num_blocks, kv_indices, full_kv_num_blocks,
+    full_kv_indices) (pyattn/block_mask.py); the kernel walks only the listed key blocks."""
+    sched = _Schedule({"kv": kv_lists}, mask_bits, block_q, block_k)
+    return attention_forward(q, k, v, None, None, key_padding_mask, None, None, q.shape[2], k.shape[2], scale,
+                             window_left, window_right, bottom_right, dropout_p, dropout_threshold, seed,
+                             schedule=sched)
+
+
+def block_sparse_backward(dout, q, k, v, out, lse, kv_lists, q_lists, mask_bits, key_padding_mask, block_q, block_k,
+                          scale, window_left, window_right, bottom_right, dropout_p, dropout_threshold, seed):
+    """Backward over a block schedule: dq walks the kv lists, dk/dv the transposed q lists."""
+    sched = _Schedule({"kv": kv_lists, "q": q_lists}, mask_bits, block_q, block_k)
+    dq, dk, dv, _ = attention_backward(dout, q, k, v, out, lse, None, None, key_padding_mask, None, None, q.shape[2],
+                                       k.shape[2], scale, window_left, window_right, bottom_right, dropout_p,
+                                       dropout_threshold, seed, False, schedule=sched)
+    return dq, dk, dv

@@ -16,6 +16,6 @@ from . import nn
 
 from ._version import __version__
 
-__all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "lsh_attention", "decode_attention",
+__all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "block_sparse_attention", "BlockMask", "layouts", "lsh_attention", "decode_attention",
            "PagedKVCache", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError",
            "__version__"]

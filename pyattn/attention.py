@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _dispatch
 from ._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_tensor
-from .ops.attention import MAX_HEAD_DIM, attention_forward
+from .ops.attention import _NO_BLOCK_SCHEDULE, MAX_HEAD_DIM, attention_forward
 
 _ALL_FLOATS = FLOAT_DTYPES + (torch.float64,)
 
@@ -181,13 +181,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     if bias is not None:
         check_tensor("bias", bias, dtypes=_ALL_FLOATS)
         full_bias = _broadcast_bias("bias", bias, B, H, Nq, Nk, q)
+    bool_mask = None
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
-        mask_bias = _mask_to_bias(attn_mask, B, H, Nq, Nk, q)
-        full_bias = mask_bias if full_bias is None else full_bias + mask_bias
+        if attn_mask.dtype == torch.bool and full_bias is None and alibi_slopes is None:
+            bool_mask = _broadcast_bias("attn_mask", attn_mask, B, H, Nq, Nk, q)  # a view
+        else:
+            mask_bias = _mask_to_bias(attn_mask, B, H, Nq, Nk, q)
+            full_bias = mask_bias if full_bias is None else full_bias + mask_bias
     slopes = _check_alibi(alibi_slopes, B, H, q)
     name = _dispatch.select_backend("attention", "attention", q.device, backend, (q.dtype, D))
+    if bool_mask is not None and name not in _NO_BLOCK_SCHEDULE:
+        # a boolean mask costs bits, not floats: a block schedule (skipped / full / partial blocks)
+        # plus the packed mask bits of the partial blocks
+        from .block_mask import BlockMask
+        from .block_sparse import run_schedule
+        layout = BlockMask.from_bool_mask(bool_mask, block_size=64, always_bits=True)
+        out, lse = run_schedule(q, k, v, layout, key_padding_mask, sc, wl, wr, causal_alignment == "bottom_right", p,
+                                _dropout_seed(p, generator), name)
+        return (out, lse) if return_lse else out
+    if bool_mask is not None:
+        full_bias = _mask_to_bias(attn_mask, B, H, Nq, Nk, q)
     out, lse = attention_forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v),
                                  full_bias, slopes, key_padding_mask, None, None, Nq, Nk, sc, wl, wr,
                                  causal_alignment == "bottom_right", p, _dropout_seed(p, generator), name)

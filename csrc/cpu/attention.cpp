@@ -276,7 +276,62 @@ struct Params {
   const c10::BFloat16* k_vnni = nullptr;
   const int64_t* slab_off = nullptr;
   int64_t Dp = 0;
+  // Explicit block schedule (block-sparse attention; see pyattn/block_mask.py). Without one
+  // (full_kv_num == nullptr) a query tile visits the key range of the band [wl, wr], as one run.
+  // Lists per (b or 0, h or 0, block): counts (Bm, Hm, nb) and sorted indices (Bm, Hm, nb, nb_other);
+  // "part" blocks apply the element mask `bits` (uint8 (Bm, Hm, Nq, ceil(Nk / 8)), bit j % 8 of
+  // byte j / 8), "full" blocks skip it. Causal/window band and key padding apply on top.
+  const int32_t* full_kv_num = nullptr;
+  const int32_t* full_kv_idx = nullptr;
+  const int32_t* part_kv_num = nullptr;
+  const int32_t* part_kv_idx = nullptr;
+  const int32_t* full_q_num = nullptr;
+  const int32_t* full_q_idx = nullptr;
+  const int32_t* part_q_num = nullptr;
+  const int32_t* part_q_idx = nullptr;
+  int64_t sch_B = 1, sch_H = 1, nqb = 0, nkb = 0, blk_q = 0, blk_k = 0;
+  const uint8_t* bits = nullptr;
+  int64_t bits_sb = 0, bits_sh = 0, bits_sq = 0;
 };
+
+// (b, h) row of the schedule's (Bm, Hm) leading dims
+inline int64_t sched_row(const Params& p, int64_t b, int64_t h) {
+  return (p.sch_B == 1 ? 0 : b) * p.sch_H + (p.sch_H == 1 ? 0 : h);
+}
+
+// Calls f(start, len, partial) for the runs of consecutive listed blocks (block size `blk`, at most
+// `cap` elements per run, clipped to `n`): partial blocks first, then full ones. Merging neighbours
+// gives the tile products the width of the dense path (a sliding window becomes one run).
+template <typename F>
+inline void for_each_block_run(const int32_t* part_idx, int64_t npart, const int32_t* full_idx, int64_t nfull,
+                               int64_t blk, int64_t cap, int64_t n, F&& f) {
+  auto walk = [&](const int32_t* idx, int64_t cnt, bool partial) {
+    for (int64_t a = 0; a < cnt;) {
+      int64_t b = a + 1;
+      while (b < cnt && idx[b] == idx[b - 1] + 1 && (b - a + 1) * blk <= cap) ++b;
+      const int64_t start = static_cast<int64_t>(idx[a]) * blk;
+      const int64_t end = std::min(n, static_cast<int64_t>(idx[b - 1] + 1) * blk);
+      if (end > start) f(start, end - start, partial);
+      a = b;
+    }
+  };
+  walk(part_idx, npart, true);
+  walk(full_idx, nfull, false);
+}
+
+// S(bq x bk, row stride ldS) = -inf where the element mask bit of (i0 + r, j0 + c) is clear
+inline void apply_mask_bits(const Params& p, const Seq& s, int64_t h, float* S, int64_t ldS, int64_t i0, int64_t bq,
+                            int64_t j0, int64_t bk) {
+  const uint8_t* base = p.bits + (p.sch_B == 1 ? 0 : s.tb) * p.bits_sb + (p.sch_H == 1 ? 0 : h) * p.bits_sh;
+  for (int64_t r = 0; r < bq; ++r) {
+    const uint8_t* row = base + (i0 + r) * p.bits_sq;
+    float* srow = S + r * ldS;
+    for (int64_t c = 0; c < bk; ++c) {
+      const int64_t j = j0 + c;
+      if (!((row[j >> 3] >> (j & 7)) & 1)) srow[c] = kNegInf;
+    }
+  }
+}
 
 inline float slope_of(const Params& p, const Seq& s, int64_t h) {
   const int64_t b = (p.sl_nb == 1) ? 0 : s.lb;
@@ -361,7 +416,7 @@ struct QItem {
   int32_t qb;
 };
 
-template <typename bias_t, bool ALIBI, bool PAD, bool DROP>
+template <typename bias_t, bool ALIBI, bool PAD, bool DROP, bool BITS = false>
 void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector<QItem>& items,
                 float* out, float* lse) {
   const int64_t D = p.D;
@@ -419,11 +474,12 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
       uint32_t dbase = 0;
       if constexpr (DROP) dbase = drop_base(p, s, h);
       if constexpr (PAD) {
-        if (hi > lo) fill_padadd(p, s, lo, hi - lo, padbuf.data());
+        if (hi > lo && p.full_kv_num == nullptr) fill_padadd(p, s, lo, hi - lo, padbuf.data());
       }
 
-      for (int64_t j0 = lo; j0 < hi; j0 += p.fbk) {
-        const int64_t bk = std::min(p.fbk, hi - j0);
+      const bool sparse = p.full_kv_num != nullptr;
+      // one key tile [j0, j0 + bk); partial = the element mask bits apply
+      auto key_tile = [&](int64_t j0, int64_t bk, bool partial) {
         const int64_t ldS = bk;
         if (bf) {
           // S(bq x bk) = Q(bq x Dp) . K^T(Dp x bk), then the scale
@@ -441,8 +497,15 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
                 kp + j0 * p.k_sn, p.k_sn, qp, p.q_sn, 0.f, S, ldS);
         }
         const bool band = !tile_inside_band(p, s, i0, bq, j0, bk);
-        score_tile<bias_t, ALIBI, PAD>(p, s, h, S, ldS, i0, bq, j0, bk, band,
-                                       PAD ? padbuf.data() + (j0 - lo) : nullptr, slope);
+        const float* padrow = nullptr;
+        if constexpr (PAD) {
+          if (sparse) fill_padadd(p, s, j0, bk, padbuf.data());
+          padrow = sparse ? padbuf.data() : padbuf.data() + (j0 - lo);
+        }
+        score_tile<bias_t, ALIBI, PAD>(p, s, h, S, ldS, i0, bq, j0, bk, band, padrow, slope);
+        if constexpr (BITS) {
+          if (partial) apply_mask_bits(p, s, h, S, ldS, i0, bq, j0, bk);
+        }
         for (int64_t r = 0; r < bq; ++r) {
           float* row = S + r * ldS;
           const float mx = row_max(row, bk);
@@ -478,6 +541,16 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
           sgemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, bq, bk, 1.f,
                 vp + j0 * p.v_sn, p.v_sn, S, ldS, 1.f, O, D);
         }
+      };
+      if (!sparse) {
+        for (int64_t j0 = lo; j0 < hi; j0 += p.fbk) key_tile(j0, std::min(p.fbk, hi - j0), false);
+      } else {
+        const int64_t row = sched_row(p, s.tb, h) * p.nqb + it.qb;
+        for_each_block_run(p.part_kv_idx + row * p.nkb, p.part_kv_num[row], p.full_kv_idx + row * p.nkb,
+                           p.full_kv_num[row], p.blk_k, p.fbk, s.nk, [&](int64_t j0, int64_t bk, bool partial) {
+                             if (j0 + bk <= lo || j0 >= hi) return;  // outside the band: never touched
+                             key_tile(j0, bk, partial);
+                           });
       }
       for (int64_t r = 0; r < bq; ++r) {
         float* orow = op + r * D;
@@ -515,7 +588,7 @@ struct BwdBufs {
   int64_t C;
 };
 
-template <typename bias_t, bool ALIBI, bool PAD, bool DROP>
+template <typename bias_t, bool ALIBI, bool PAD, bool DROP, bool BITS = false>
 void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g) {
   const int64_t D = p.D;
   const int64_t G = p.H / p.Hkv;
@@ -576,8 +649,8 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
           uint32_t dbase = 0;
           if constexpr (DROP) dbase = drop_base(p, s, h);
           const int64_t rowbase = (s.tb * p.H + h) * p.NqT + s.q0;  // row index of local i = 0
-          for (int64_t i0 = ilo; i0 < ihi; i0 += p.bbq) {
-            const int64_t bq = std::min(p.bbq, ihi - i0);
+          // one query tile [i0, i0 + bq) against key block kb; partial = the element mask bits apply
+          auto query_tile = [&](int64_t i0, int64_t bq, bool partial) {
             const float* qp = p.q + s.tb * p.q_sb + h * p.q_sh + (s.q0 + i0) * p.q_sn;
             const float* dop = g.dout + s.tb * g.do_sb + h * g.do_sh + (s.q0 + i0) * g.do_sn;
             const float* lsep = g.lse + rowbase + i0;
@@ -598,6 +671,9 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
             const bool band = !tile_inside_band(p, s, i0, bq, j0, bk);
             score_tile<bias_t, ALIBI, PAD>(p, s, h, S, ldS, i0, bq, j0, bk, band,
                                            PAD ? padbuf.data() : nullptr, slope);
+            if constexpr (BITS) {
+              if (partial) apply_mask_bits(p, s, h, S, ldS, i0, bq, j0, bk);
+            }
             if (bf) {
               at::native::cpublas::brgemm(bq, bk, p.Dp, p.Dp, nk_even, ldS, false, dOh.data(),
                                           p.vt_vnni + slab + 2 * j0, dP, true);
@@ -677,6 +753,16 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
               for (int64_t r = 0; r < bq; ++r)
                 std::copy(dP + r * ldS, dP + r * ldS + bk, db + r * p.NkT);
             }
+          };
+          if (p.full_q_num == nullptr) {
+            for (int64_t i0 = ilo; i0 < ihi; i0 += p.bbq) query_tile(i0, std::min(p.bbq, ihi - i0), false);
+          } else {
+            const int64_t row = sched_row(p, s.tb, h) * p.nkb + kb;
+            for_each_block_run(p.part_q_idx + row * p.nqb, p.part_q_num[row], p.full_q_idx + row * p.nqb,
+                               p.full_q_num[row], p.blk_q, p.bbq, s.nq, [&](int64_t i0, int64_t bq, bool partial) {
+                                 if (i0 + bq <= ilo || i0 >= ihi) return;  // outside the band
+                                 query_tile(i0, bq, partial);
+                               });
           }
         }
         if (bf) {  // dK, dV (bk x D) += the transposed accumulators
@@ -995,18 +1081,10 @@ Setup make_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return st;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& alibi_slopes,
-    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& cu_seqlens_q,
-    const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
-    int64_t dropout_threshold, int64_t seed) {
-  (void)max_seqlen_q;
-  (void)max_seqlen_k;
-  Setup st = make_setup(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                        scale, window_left, window_right, bottom_right, dropout_p,
-                        dropout_threshold, seed);
+// The forward of a prepared Setup: packing, work items, output allocation; `kernel(p, items,
+// out, lse)` runs the specialised fwd_kernel.
+template <typename K>
+std::tuple<at::Tensor, at::Tensor> run_forward(Setup& st, const at::Tensor& q, bool zero_first, K&& kernel) {
   const Params& p = st.p;
   at::Tensor out32 = pyattn_cpu::empty_output({p.B, p.H, p.NqT, p.D}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({p.B, p.H, p.NqT}, q.options().dtype(at::kFloat));
@@ -1032,35 +1110,44 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(
           items.push_back({static_cast<int32_t>(si), static_cast<int32_t>(qb)});
   }
   // rows not owned by any sequence (varlen with cu_q[-1] < total_q) stay defined
-  if (cu_seqlens_q.has_value()) {
+  if (zero_first) {
     out32.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
   }
-  if (!items.empty()) {
-    dispatch_flags(bias, alibi_slopes.has_value(), key_padding_mask.has_value(), dropout_p > 0.0,
-                   [&](auto btag, auto A, auto P, auto Dr) {
-                     using bias_t = typename decltype(btag)::type;
-                     fwd_kernel<bias_t, decltype(A)::value, decltype(P)::value, decltype(Dr)::value>(
-                         p, st.seqs, items, out32.data_ptr<float>(), lse.data_ptr<float>());
-                   });
-  }
+  if (!items.empty()) kernel(p, items, out32.data_ptr<float>(), lse.data_ptr<float>());
   at::Tensor out = q.scalar_type() == at::kFloat ? out32 : out32.to(q.scalar_type());
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& bias,
-    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& key_padding_mask,
-    const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double dropout_p, int64_t dropout_threshold,
-    int64_t seed, bool bias_requires_grad) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& alibi_slopes,
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& cu_seqlens_q,
+    const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p,
+    int64_t dropout_threshold, int64_t seed) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
   Setup st = make_setup(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
                         scale, window_left, window_right, bottom_right, dropout_p,
                         dropout_threshold, seed);
+  return run_forward(st, q, cu_seqlens_q.has_value(), [&](const Params& p, const std::vector<QItem>& items,
+                                                          float* out, float* lse) {
+    dispatch_flags(bias, alibi_slopes.has_value(), key_padding_mask.has_value(), dropout_p > 0.0,
+                   [&](auto btag, auto A, auto P, auto Dr) {
+                     using bias_t = typename decltype(btag)::type;
+                     fwd_kernel<bias_t, decltype(A)::value, decltype(P)::value, decltype(Dr)::value>(
+                         p, st.seqs, items, out, lse);
+                   });
+  });
+}
+
+// The backward of a prepared Setup: packing, delta, dq classes, buffers; `kernel(p, g)` runs the
+// specialised bwd_kernel.
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
+    Setup& st, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, bool bias_requires_grad, K&& kernel) {
   const Params& p = st.p;
   if (tile_kind(q.scalar_type(), query_rows_per_kv_head(st)) == TileKind::kBrgemmBF16) pack_kv_bf16_backward(st);
   const auto fopt = q.options().dtype(at::kFloat);
@@ -1097,16 +1184,130 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     g.dv = dv32.data_ptr<float>();
     g.dbias = bias_requires_grad ? dbias.data_ptr<float>() : nullptr;
     g.C = C;
+    kernel(p, g);
+  }
+  at::Tensor dq32 = C == 1 ? dqbuf.select(0, 0) : dqbuf.sum(0);
+  auto cast = [](const at::Tensor& t, at::ScalarType dt) { return dt == at::kFloat ? t : t.to(dt); };
+  return {cast(dq32, q.scalar_type()), cast(dk32, k.scalar_type()), cast(dv32, v.scalar_type()), dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& key_padding_mask,
+    const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double dropout_p, int64_t dropout_threshold,
+    int64_t seed, bool bias_requires_grad) {
+  (void)max_seqlen_q;
+  (void)max_seqlen_k;
+  Setup st = make_setup(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                        scale, window_left, window_right, bottom_right, dropout_p,
+                        dropout_threshold, seed);
+  return run_backward(st, dout, q, k, v, out, lse, bias_requires_grad, [&](const Params& p, const BwdBufs& g) {
     dispatch_flags(bias, alibi_slopes.has_value(), key_padding_mask.has_value(), dropout_p > 0.0,
                    [&](auto btag, auto A, auto P, auto Dr) {
                      using bias_t = typename decltype(btag)::type;
                      bwd_kernel<bias_t, decltype(A)::value, decltype(P)::value, decltype(Dr)::value>(
                          p, st.seqs, g);
                    });
+  });
+}
+
+
+// ------------------------------------------------------------------------------------------
+// block-sparse attention: the same kernels, walking an explicit block schedule
+// ------------------------------------------------------------------------------------------
+struct Schedule {
+  at::Tensor part_num, part_idx, full_num, full_idx, bits;  // keep alive
+};
+
+// Points the Params at a schedule's lists (forward: kv lists, backward: q lists) and the mask bits;
+// tiles line up with the blocks (query tiles of blk_q rows forward, key tiles of blk_k backward).
+void attach_schedule(Setup& st, Schedule& sc, const at::Tensor& part_num, const at::Tensor& part_idx,
+                     const at::Tensor& full_num, const at::Tensor& full_idx, const c10::optional<at::Tensor>& bits,
+                     int64_t block_q, int64_t block_k, bool forward) {
+  Params& p = st.p;
+  TORCH_CHECK(full_num.dim() == 3 && full_idx.dim() == 4, "pyattn_cpu block_sparse: schedule must be (Bm, Hm, nb[, nb])");
+  auto i32 = [](const at::Tensor& t) { return t.to(at::kInt).contiguous(); };
+  sc.part_num = i32(part_num); sc.part_idx = i32(part_idx); sc.full_num = i32(full_num); sc.full_idx = i32(full_idx);
+  p.sch_B = sc.full_num.size(0);
+  p.sch_H = sc.full_num.size(1);
+  p.blk_q = block_q;
+  p.blk_k = block_k;
+  p.nqb = (p.NqT + block_q - 1) / block_q;
+  p.nkb = (p.NkT + block_k - 1) / block_k;
+  TORCH_CHECK(sc.full_num.size(2) == (forward ? p.nqb : p.nkb), "pyattn_cpu block_sparse: schedule size mismatch");
+  const int32_t *pn = sc.part_num.data_ptr<int32_t>(), *pi = sc.part_idx.data_ptr<int32_t>();
+  const int32_t *fn = sc.full_num.data_ptr<int32_t>(), *fi = sc.full_idx.data_ptr<int32_t>();
+  if (forward) {
+    p.part_kv_num = pn; p.part_kv_idx = pi; p.full_kv_num = fn; p.full_kv_idx = fi;
+    p.fbq = block_q;
+    p.fbk = std::max<int64_t>(block_k, 256 / block_k * block_k);
+  } else {
+    p.part_q_num = pn; p.part_q_idx = pi; p.full_q_num = fn; p.full_q_idx = fi;
+    p.bbk = block_k;
+    p.bbq = std::max<int64_t>(block_q, 128 / block_q * block_q);
   }
-  at::Tensor dq32 = C == 1 ? dqbuf.select(0, 0) : dqbuf.sum(0);
-  auto cast = [](const at::Tensor& t, at::ScalarType dt) { return dt == at::kFloat ? t : t.to(dt); };
-  return {cast(dq32, q.scalar_type()), cast(dk32, k.scalar_type()), cast(dv32, v.scalar_type()), dbias};
+  if (bits.has_value()) {
+    sc.bits = bits->contiguous();
+    TORCH_CHECK(sc.bits.scalar_type() == at::kByte && sc.bits.dim() == 4, "pyattn_cpu block_sparse: bits must be uint8 4-D");
+    p.bits = sc.bits.data_ptr<uint8_t>();
+    p.bits_sb = sc.bits.size(0) == 1 ? 0 : sc.bits.stride(0);
+    p.bits_sh = sc.bits.size(1) == 1 ? 0 : sc.bits.stride(1);
+    p.bits_sq = sc.bits.stride(2);
+  }
+}
+
+template <typename F>
+void dispatch_sparse_flags(bool pad, bool drop, bool bits, F&& f) {
+  auto with_bool = [](bool b, auto&& g) {
+    if (b) g(std::true_type{});
+    else g(std::false_type{});
+  };
+  with_bool(pad, [&](auto P) { with_bool(drop, [&](auto Dr) { with_bool(bits, [&](auto Bi) { f(P, Dr, Bi); }); }); });
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_num_blocks,
+    const at::Tensor& kv_indices, const at::Tensor& full_kv_num_blocks, const at::Tensor& full_kv_indices,
+    const c10::optional<at::Tensor>& mask_bits, const c10::optional<at::Tensor>& key_padding_mask,
+    int64_t block_q, int64_t block_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+    double dropout_p, int64_t dropout_threshold, int64_t seed) {
+  Setup st = make_setup(q, k, v, c10::nullopt, c10::nullopt, key_padding_mask, c10::nullopt, c10::nullopt, scale,
+                        window_left, window_right, bottom_right, dropout_p, dropout_threshold, seed);
+  Schedule sc;
+  attach_schedule(st, sc, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, mask_bits, block_q,
+                  block_k, true);
+  return run_forward(st, q, false, [&](const Params& p, const std::vector<QItem>& items, float* out, float* lse) {
+    dispatch_sparse_flags(key_padding_mask.has_value(), dropout_p > 0.0, mask_bits.has_value(),
+                          [&](auto P, auto Dr, auto Bi) {
+                            fwd_kernel<void, false, decltype(P)::value, decltype(Dr)::value, decltype(Bi)::value>(
+                                p, st.seqs, items, out, lse);
+                          });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& q_num_blocks, const at::Tensor& q_indices,
+    const at::Tensor& full_q_num_blocks, const at::Tensor& full_q_indices, const c10::optional<at::Tensor>& mask_bits,
+    const c10::optional<at::Tensor>& key_padding_mask, int64_t block_q, int64_t block_k, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, int64_t dropout_threshold,
+    int64_t seed) {
+  Setup st = make_setup(q, k, v, c10::nullopt, c10::nullopt, key_padding_mask, c10::nullopt, c10::nullopt, scale,
+                        window_left, window_right, bottom_right, dropout_p, dropout_threshold, seed);
+  Schedule sc;
+  attach_schedule(st, sc, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, mask_bits, block_q, block_k,
+                  false);
+  auto r = run_backward(st, dout, q, k, v, out, lse, false, [&](const Params& p, const BwdBufs& g) {
+    dispatch_sparse_flags(key_padding_mask.has_value(), dropout_p > 0.0, mask_bits.has_value(),
+                          [&](auto P, auto Dr, auto Bi) {
+                            bwd_kernel<void, false, decltype(P)::value, decltype(Dr)::value, decltype(Bi)::value>(
+                                p, st.seqs, g);
+                          });
+  });
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 }  // namespace pyattn_cpu_attention
@@ -1123,9 +1324,21 @@ TORCH_LIBRARY_FRAGMENT(pyattn_cpu, m) {
       "cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int "
       "window_right, bool bottom_right, float dropout_p, int dropout_threshold, int seed, bool "
       "bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, Tensor "
+      "full_kv_num_blocks, Tensor full_kv_indices, Tensor? mask_bits, Tensor? key_padding_mask, int block_q, int "
+      "block_k, float scale, int window_left, int window_right, bool bottom_right, float dropout_p, int "
+      "dropout_threshold, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "block_sparse_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor q_num_blocks, "
+      "Tensor q_indices, Tensor full_q_num_blocks, Tensor full_q_indices, Tensor? mask_bits, Tensor? "
+      "key_padding_mask, int block_q, int block_k, float scale, int window_left, int window_right, bool "
+      "bottom_right, float dropout_p, int dropout_threshold, int seed) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyattn_cpu, CPU, m) {
   m.impl("attention_fwd", &pyattn_cpu_attention::attention_fwd);
   m.impl("attention_bwd", &pyattn_cpu_attention::attention_bwd);
+  m.impl("block_sparse_fwd", &pyattn_cpu_attention::block_sparse_fwd);
+  m.impl("block_sparse_bwd", &pyattn_cpu_attention::block_sparse_bwd);
 }

@@ -18,8 +18,15 @@ from ..reference.attention import attention_backward_reference, attention_refere
 MAX_HEAD_DIM = 256
 
 
+# backends without a block-schedule engine yet (explicit block lists + mask bits)
+_NO_BLOCK_SCHEDULE = {"cuda": "block-sparse attention / block schedules have no CUDA kernel yet "
+                              "(the triton backend runs them on GPU)"}
+
+
 @_dispatch.register_input_check("attention")
-def _input_reason(backend: str, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+def _input_reason(backend: str, dtype: torch.dtype, head_dim: int, block_schedule: bool = False) -> Optional[str]:
+    if block_schedule and backend in _NO_BLOCK_SCHEDULE:
+        return _NO_BLOCK_SCHEDULE[backend]
     if backend == "reference":
         return None
     if dtype == torch.float64:

@@ -195,3 +195,34 @@ def attention_backward_reference(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, 
                             scale, window_left, window_right, bottom_right, dropout_p, seed, bh, False)
         dq[:, :, sq], dk[:, :, sk], dv[:, :, sk] = g[0], g[1], g[2]
     return dq, dk, dv, None
+
+
+def schedule_visibility(kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor,
+                        full_kv_indices: Tensor, mask_bits: Optional[Tensor], block_q: int, block_k: int,
+                        Nq: int, Nk: int) -> Tensor:
+    """bool (Bm, Hm, Nq, Nk): the elements a block schedule makes visible (pyattn/block_mask.py):
+    every element of a full block, and the mask bits inside a partial block."""
+    Bm, Hm, nqb = full_kv_num_blocks.shape
+    nkb = full_kv_indices.shape[-1]
+    dev = full_kv_indices.device
+
+    def table(num, idx):
+        valid = torch.arange(idx.shape[-1], device=dev) < num.unsqueeze(-1)
+        t = torch.zeros(Bm, Hm, nqb, nkb + 1, dtype=torch.bool, device=dev)
+        t.scatter_(-1, torch.where(valid, idx.long(), nkb), True)  # padding entries -> spare column
+        return t[..., :nkb].repeat_interleave(block_q, 2).repeat_interleave(block_k, 3)[:, :, :Nq, :Nk]
+
+    vis = table(full_kv_num_blocks, full_kv_indices)
+    if mask_bits is not None:
+        shifts = torch.arange(8, device=dev, dtype=torch.uint8)
+        bits = ((mask_bits.unsqueeze(-1) >> shifts) & 1).reshape(*mask_bits.shape[:-1], -1)[..., :Nk].bool()
+        vis = vis | (table(kv_num_blocks, kv_indices) & bits)
+    return vis
+
+
+def schedule_bias(q: Tensor, visible: Tensor) -> Tensor:
+    """The reference's form of a visibility mask: an additive (B, H, Nq, Nk) bias (0 / -inf)."""
+    B, H, Nq, _ = q.shape
+    Nk = visible.shape[-1]
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    return torch.where(visible, zero, torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)).expand(B, H, Nq, Nk)
