@@ -18,7 +18,7 @@ from . import cases as _cases
 from .report import environment_tag, format_table, rows_to_table, write_outputs
 from .timing import copy_bandwidth_gbs, median_ms
 
-FAMILY_MODULES = ("rms_norm", "attention", "masks", "glu", "integrations")
+FAMILY_MODULES = ("rms_norm", "attention", "masks", "glu", "integrations", "block_sparse")
 
 
 def _load_suites():
