@@ -533,16 +533,22 @@ _GPU_CONFIGS = {
 _INTERPRET_CONFIG = (32, 32, 4, 1)  # one config under the interpreter (no autotune there)
 
 
-def _gpu_config(kernel: str, block_d: int, dtype: torch.dtype):
+def _gpu_config(kernel: str, block_d: int, dtype: torch.dtype, scheduled: bool = False):
     kind = "fp32" if dtype == torch.float32 else "half"
-    return _GPU_CONFIGS[(kernel, kind, max(64, block_d))]
+    BM, BN, nw, ns = _GPU_CONFIGS[(kernel, kind, max(64, block_d))]
+    if scheduled and block_d >= 128:
+        # the schedule walk and the mask-bit loads cost registers: narrower key tiles, no
+        # pipelining (ptxas -v: no spills on sm_80 / sm_90a, see gpu_compile_specs)
+        BN, ns = 16, 1
+        BM = 16 if kernel == "dkdv" else min(BM, 32)
+    return BM, BN, nw, ns
 
 
-def _config(kernel: str, block_d: int, dtype: torch.dtype):
+def _config(kernel: str, block_d: int, dtype: torch.dtype, scheduled: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in {"fwd", "dkdv", "dq"}."""
     if INTERPRET:
         return _INTERPRET_CONFIG
-    return _gpu_config(kernel, block_d, dtype)
+    return _gpu_config(kernel, block_d, dtype, scheduled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,7 +642,7 @@ def attention_forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_
         out.zero_()
         return out, lse
     block_d = _block_d(D)
-    BM, BN, nw, ns = _config("fwd", block_d, q.dtype)
+    BM, BN, nw, ns = _config("fwd", block_d, q.dtype, schedule is not None)
     BM, BN = _fit(BM, schedule, "q"), _fit(BN, schedule, "k")
     sch_p, sch_s, sch_f = _schedule_args(schedule, q, "kv", Nq, Nk)
     bias_t, bias_s, slopes_t, slopes_s, kpm_t, kpm_s = _common_args(q, bias, alibi_slopes, key_padding_mask, is_varlen)
@@ -700,8 +706,8 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
         Nq, D, BLOCK_M=PM, BLOCK_D=block_d,
     )
     lse = lse.contiguous()
-    BMk, BNk, nwk, nsk = _config("dkdv", block_d, q.dtype)
-    BM, BN, nw, ns = _config("dq", block_d, q.dtype)
+    BMk, BNk, nwk, nsk = _config("dkdv", block_d, q.dtype, schedule is not None)
+    BM, BN, nw, ns = _config("dq", block_d, q.dtype, schedule is not None)
     BMk, BNk = _fit(BMk, schedule, "q"), _fit(BNk, schedule, "k")
     BM, BN = _fit(BM, schedule, "q"), _fit(BN, schedule, "k")
     sk_p, sk_s, sk_f = _schedule_args(schedule, q, "q", Nq, Nk)
@@ -831,17 +837,17 @@ def gpu_compile_specs():
         for D in (64, 128, 256):
             bd = _block_d(D)
             for vname, flags in variants.items():
-                BM, BN, nw, ns = _gpu_config("fwd", bd, dtype)
+                BM, BN, nw, ns = _gpu_config("fwd", bd, dtype, flags["HAS_SCHED"])
                 ce = dict(flags, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=bd, EVEN_D=bd == D)
                 specs.append(dict(name=f"fwd_{dn}_d{D}_{vname}", fn=_attention_fwd_kernel,
                                   signature=_signature(_attention_fwd_kernel, dn, ce), constexprs=ce,
                                   num_warps=nw, num_stages=ns))
-                BM, BN, nw, ns = _gpu_config("dkdv", bd, dtype)
+                BM, BN, nw, ns = _gpu_config("dkdv", bd, dtype, flags["HAS_SCHED"])
                 ce = dict(flags, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=bd, EVEN_D=bd == D)
                 specs.append(dict(name=f"bwd_dkdv_{dn}_d{D}_{vname}", fn=_attention_bwd_dkdv_kernel,
                                   signature=_signature(_attention_bwd_dkdv_kernel, dn, ce), constexprs=ce,
                                   num_warps=nw, num_stages=ns))
-                BM, BN, nw, ns = _gpu_config("dq", bd, dtype)
+                BM, BN, nw, ns = _gpu_config("dq", bd, dtype, flags["HAS_SCHED"])
                 ce = dict(flags, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=bd, EVEN_D=bd == D, HAS_DBIAS=vname == "bias")
                 specs.append(dict(name=f"bwd_dq_{dn}_d{D}_{vname}", fn=_attention_bwd_dq_kernel,
                                   signature=_signature(_attention_bwd_dq_kernel, dn, ce), constexprs=ce,
