@@ -506,10 +506,15 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device):
+def _config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device, scheduled: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in {"fwd", "dkdv", "dq"}: per-arch
     tables in attention_configs.py (one fixed config under the interpreter)."""
-    return _launch_config(kernel, block_d, dtype, device)
+    BM, BN, nw, ns = _launch_config(kernel, block_d, dtype, device)
+    if scheduled and block_d >= 128 and not INTERPRET:
+        # the schedule walk and the mask-bit loads cost registers: narrower key tiles, no pipelining
+        BN, ns = 16, 1
+        BM = 16 if kernel == "dkdv" else min(BM, 32)
+    return BM, BN, nw, ns
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,7 +608,7 @@ def attention_forward(q, k, v, bias, alibi_slopes, key_padding_mask, cu_seqlens_
         out.zero_()
         return out, lse
     block_d = _block_d(D)
-    BM, BN, nw, ns = _config("fwd", block_d, q.dtype, q.device)
+    BM, BN, nw, ns = _config("fwd", block_d, q.dtype, q.device, schedule is not None)
     BM, BN = _fit(BM, schedule, "q"), _fit(BN, schedule, "k")
     sch_p, sch_s, sch_f = _schedule_args(schedule, q, "kv", Nq, Nk)
     bias_t, bias_s, slopes_t, slopes_s, kpm_t, kpm_s = _common_args(q, bias, alibi_slopes, key_padding_mask, is_varlen)
@@ -667,8 +672,8 @@ def attention_backward(dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_
         Nq, D, BLOCK_M=PM, BLOCK_D=block_d,
     )
     lse = lse.contiguous()
-    BMk, BNk, nwk, nsk = _config("dkdv", block_d, q.dtype, q.device)
-    BM, BN, nw, ns = _config("dq", block_d, q.dtype, q.device)
+    BMk, BNk, nwk, nsk = _config("dkdv", block_d, q.dtype, q.device, schedule is not None)
+    BM, BN, nw, ns = _config("dq", block_d, q.dtype, q.device, schedule is not None)
     BMk, BNk = _fit(BMk, schedule, "q"), _fit(BNk, schedule, "k")
     BM, BN = _fit(BM, schedule, "q"), _fit(BN, schedule, "k")
     sk_p, sk_s, sk_f = _schedule_args(schedule, q, "q", Nq, Nk)
