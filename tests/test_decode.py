@@ -316,3 +316,10 @@ def test_gpu_backends(backend, dtype, paged):
         ref64, low, _ = references(q.cpu(), kk.cpu(), vv.cpu(), sl.cpu(), bt_cpu, n_appended=2, wl=300,
                                    alibi_slopes=slopes.expand(3, 8))
         assert_tolerance(f"{backend} {dtype} paged={paged} splits={splits}", out.cpu(), low, ref64)
+
+
+def test_bf16_widening_path(monkeypatch):
+    """bf16 caches also through the fp32-widening score path (the one CPUs without AVX512-BF16 take)."""
+    monkeypatch.setenv("PYATTN_CPU_DECODE_DPBF16", "0")
+    q, k, v, sl, bt = make_case(2, 8, 2, 4, 72, torch.bfloat16, [200, 3], 200, page_size=32)
+    check("bf16 widening", pyattn.decode_attention(q, k, v, sl, block_table=bt, backend="cpu"), q, k, v, sl, bt)
