@@ -91,9 +91,8 @@ def _op_inputs(B=2, H=2, N=48, D=16, R=2, L=16, dtype=torch.float32, padding=Tru
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("causal,R,nb,na,p", [(True, 2, 1, 0, 0.0), (False, 4, 1, 1, 0.0), (True, 1, 0, 0, 0.0),
-                                            (True, 2, 1, 0, 0.25)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal,R,nb,na,p", [(True, 2, 1, 0, 0.0), (False, 4, 1, 1, 0.0), (True, 2, 1, 0, 0.25)])
 def test_op_forward_backward_tolerance(backend, dtype, causal, R, nb, na, p):
     """The fused op's outputs and gradients against the fp64 reference: <= 2x (3x for gradients)
     the error of the plain-PyTorch reference computed in the same dtype."""
@@ -286,3 +285,10 @@ def test_module_from_config_loads_transformers_weights_and_matches():
     out.sum().backward()
     assert mine.query_key.weight.grad is not None and mine.value.weight.grad.abs().sum() > 0
     assert "num_hashes=2" in repr(mine)
+
+
+def test_cuda_backend_reports_missing_kernels():
+    from pyattn._dispatch import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="no CUDA kernels"):
+        _call(backend="cuda")

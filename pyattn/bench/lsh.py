@@ -65,15 +65,15 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
 def _measure_main(argv):
     """One implementation in a fresh process: wall seconds of one fwd+bwd after a warm-up, and the
-    growth of the process's peak RSS during it (MiB)."""
+    growth of the process's peak RSS over warm-up + run (MiB)."""
     import resource
     import time
 
     N, name = int(argv[0]), argv[1]
     case = _case(torch.device("cpu"), N)
     fn = case.impls[name]
-    fn()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
     t = time.perf_counter()
     fn()
     dt = time.perf_counter() - t

@@ -26,7 +26,8 @@ from ..reference.lsh import combine_rounds, lse_dtype, lsh_chunks_backward_refer
 
 MAX_HEAD_DIM = 256
 MAX_CHUNK_LENGTH = 1024
-CUDA_UNAVAILABLE = None  # set to a reason string while the CUDA binding lacks the LSH ops
+# The CUDA binding has no LSH ops yet: dispatch rejects the cuda backend with this reason.
+CUDA_UNAVAILABLE = "LSH attention has no CUDA kernels yet (csrc/cuda/lsh.cu is not written); use triton on GPU"
 
 
 @_dispatch.register_input_check("lsh")
