@@ -32,7 +32,7 @@ setup(
     install_requires=[TORCH, "numpy", "ninja"],
     extras_require={
         "triton": [TRITON],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "numpy<2.4", TRITON, "transformers>=4.53",
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "numpy<2.4", TRITON, "transformers>=4.53", "matplotlib", "tqdm",
                  "safetensors"],
         "bench": ["matplotlib", "numpy<2.4", "tqdm", TRITON],
         "hf": ["transformers>=4.53"],
