@@ -11,6 +11,9 @@ from .masks import pad, unpad
 from .ops.decode import decode_attention
 from .kv_cache import PagedKVCache
 from .lsh import lsh_attention
+from .block_mask import BlockMask
+from .block_sparse import block_sparse_attention
+from . import layouts
 from .integrations.patching import patch, unpatch
 from . import nn
 
