@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .cases import Case, suite
-from .glu import _peak_bytes
+from .timing import peak_memory_bytes as _peak_bytes
 
 BLOCK = 64
 _timings: Dict[tuple, List[float]] = {}  # (N, mode, impl) -> [(density, seconds per call)]
