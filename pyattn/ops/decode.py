@@ -20,6 +20,7 @@ from torch import Tensor
 from .. import _dispatch
 from .._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_tensor
 from ..reference.decode import append_kv, decode_attention_reference
+from ..attention import _check_window
 
 MAX_HEAD_DIM = 256
 _ALL_FLOATS = FLOAT_DTYPES + (torch.float64,)
@@ -115,24 +116,6 @@ def choose_num_splits(batch: int, kv_heads: int, capacity: int, device: torch.de
     items = max(1, batch * kv_heads)
     want = -(-per_worker * workers // items)
     return int(max(1, min(want, capacity // min_keys, 64)))
-
-
-def _check_window(window) -> Tuple[int, int]:
-    if window is None:
-        return -1, -1
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be a (left, right) pair, got {window!r}")
-    out = []
-    for side, w in zip(("left", "right"), window):
-        if w is None:
-            out.append(-1)
-            continue
-        if isinstance(w, bool) or not isinstance(w, int):
-            raise TypeError(f"window {side} size must be an int or None, got {type(w).__name__}")
-        if w < 0:
-            raise ValueError(f"window {side} size must be >= 0 (None = unbounded), got {w}")
-        out.append(w)
-    return out[0], out[1]
 
 
 def _check_int_tensor(name: str, t, ndim: int, ref: Tensor) -> None:
