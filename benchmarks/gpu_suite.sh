@@ -199,8 +199,8 @@ for backend in triton cuda; do
     say "[bench-cuda] dry run: same plumbing as bench-triton, not repeated"
     continue
   elif [ $DRY -eq 1 ]; then
-    # cheap stand-in with the same plumbing: CPU, one op, the reference backend, tiny budget
-    step "bench-$backend" 120 "$WORK/bench_$backend.log" env PYATTN_BACKEND=reference \
+    # cheap stand-in with the same plumbing: CPU, one op, the cpu kernel backend, tiny budget
+    step "bench-$backend" 120 "$WORK/bench_$backend.log" env PYATTN_BACKEND=cpu \
       python3 -m pyattn.bench --quick --device cpu --ops rms_norm --peers eager --budget 0.01 --out "$dest"
   else
     step "bench-$backend" 55 "$WORK/bench_$backend.log" env PYATTN_BACKEND=$backend \
