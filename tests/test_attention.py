@@ -171,7 +171,7 @@ def test_opcheck(backend):
 
 
 def test_torch_compile_fullgraph():
-    mha = pyattn.nn.MultiheadAttention(32, 4, causal=True).to(DEVICE)
+    mha = pyattn.nn.GroupedQueryAttention(32, 4, causal=True).to(DEVICE)
 
     def f(x):
         return mha(x).sum()
