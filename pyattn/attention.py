@@ -122,6 +122,23 @@ def _check_alibi(alibi_slopes, B, H, q) -> Optional[Tensor]:
     return alibi_slopes.to(torch.float32).expand(B, H)
 
 
+def _key_padding(key_padding_mask: Optional[Tensor], B: int, Nk: int,
+                 q: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The public ``key_padding_mask`` (PyTorch's meaning) -> (keep-mask, additive (B, Nk) bias).
+
+    The internal ops (pyattn/ops, kernels, reference) take a keep-mask: True = attend to that key.
+    """
+    if key_padding_mask is None:
+        return None, None
+    check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,) + _ALL_FLOATS)
+    check_same_device("key_padding_mask", key_padding_mask, "q", q)
+    if tuple(key_padding_mask.shape) != (B, Nk):
+        raise ValueError(f"key_padding_mask must have shape (B, Nk) = ({B}, {Nk}), got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.dtype == torch.bool:
+        return ~key_padding_mask, None  # True = padding (ignored) -> True = keep
+    return None, key_padding_mask  # float: added to the scores, as torch.nn.MultiheadAttention does
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: Optional[float] = None,
               key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
               bias: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
@@ -143,7 +160,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
                 q1: x x x x x                q1: x x . . .
 
         scale: defaults to 1/sqrt(D).
-        key_padding_mask: (B, Nk) bool, True = keep (BERT's attention mask).
+        key_padding_mask: (B, Nk), PyTorch's meaning (as in ``torch.nn.MultiheadAttention``):
+            bool with **True = padding, that key is ignored**; or a float mask added to the scores
+            of every query (``-inf`` = ignored). A BERT / Hugging Face ``attention_mask``
+            (1 = real token) is passed as ``key_padding_mask=attention_mask == 0``. A bool mask
+            costs nothing extra (the kernels read it per key); a float one becomes an additive bias.
         attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Nq, Nk).
         bias: additive float broadcastable to (B, H, Nq, Nk); gets a gradient when it requires grad.
         alibi_slopes: (H,) or (B, H): adds -slope * |i + Nk - Nq - j|.
@@ -160,6 +181,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     Equivalent PyTorch (no mask)::
 
         out = torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
+
+    With a bool ``key_padding_mask`` (True = padding), as SDPA's keep-mask::
+
+        F.scaled_dot_product_attention(q, k, v, attn_mask=~key_padding_mask[:, None, None, :])
     """
     check_backend_arg(backend)
     _check_qkv(q, k, v, packed=False)
@@ -172,15 +197,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         raise ValueError(f"causal_alignment must be 'bottom_right' or 'top_left', got {causal_alignment!r}")
     p = _check_dropout(dropout_p)
     sc = _check_scale(scale, D)
-    if key_padding_mask is not None:
-        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
-        check_same_device("key_padding_mask", key_padding_mask, "q", q)
-        if tuple(key_padding_mask.shape) != (B, Nk):
-            raise ValueError(f"key_padding_mask must have shape (B, Nk) = ({B}, {Nk}), got {tuple(key_padding_mask.shape)}")
+    keep, kpm_bias = _key_padding(key_padding_mask, B, Nk, q)
     full_bias = None
     if bias is not None:
         check_tensor("bias", bias, dtypes=_ALL_FLOATS)
         full_bias = _broadcast_bias("bias", bias, B, H, Nq, Nk, q)
+    if kpm_bias is not None:
+        kb = _broadcast_bias("key_padding_mask", kpm_bias[:, None, None, :], B, H, Nq, Nk, q)
+        full_bias = kb if full_bias is None else full_bias + kb
     bool_mask = None
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
@@ -198,13 +222,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         from .block_mask import BlockMask
         from .block_sparse import run_schedule
         layout = BlockMask.from_bool_mask(bool_mask, block_size=64, always_bits=True)
-        out, lse = run_schedule(q, k, v, layout, key_padding_mask, sc, wl, wr, causal_alignment == "bottom_right", p,
+        out, lse = run_schedule(q, k, v, layout, keep, sc, wl, wr, causal_alignment == "bottom_right", p,
                                 _dropout_seed(p, generator), name)
         return (out, lse) if return_lse else out
     if bool_mask is not None:
         full_bias = _mask_to_bias(attn_mask, B, H, Nq, Nk, q)
     out, lse = attention_forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v),
-                                 full_bias, slopes, key_padding_mask, None, None, Nq, Nk, sc, wl, wr,
+                                 full_bias, slopes, keep, None, None, Nq, Nk, sc, wl, wr,
                                  causal_alignment == "bottom_right", p, _dropout_seed(p, generator), name)
     return (out, lse) if return_lse else out
 

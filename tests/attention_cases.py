@@ -36,12 +36,18 @@ def engine_args(q, k, *, causal=False, causal_alignment="bottom_right", window=N
     full_bias = None
     if bias is not None:
         full_bias = bias.expand(B, H, Nq, Nk)
+    keep = None  # pyattn.attention's key_padding_mask has PyTorch's meaning; the reference takes a keep-mask
+    if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+        keep = ~key_padding_mask
+    elif key_padding_mask is not None:
+        kb = key_padding_mask[:, None, None, :].expand(B, H, Nq, Nk)
+        full_bias = kb if full_bias is None else full_bias + kb
     if attn_mask is not None:
         m = attn_mask.expand(B, H, Nq, Nk)
         mb = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(~m, float("-inf")) \
             if m.dtype == torch.bool else m
         full_bias = mb if full_bias is None else full_bias + mb
-    return dict(bias=full_bias, alibi_slopes=alibi_slopes, key_padding_mask=key_padding_mask, window_left=wl,
+    return dict(bias=full_bias, alibi_slopes=alibi_slopes, key_padding_mask=keep, window_left=wl,
                 window_right=wr, bottom_right=causal_alignment == "bottom_right")
 
 

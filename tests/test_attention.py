@@ -55,8 +55,8 @@ def test_window(backend, window):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_key_padding_with_fully_masked_row(backend, dtype):
     q, k, v = make_inputs(B=3, Nq=21, Nk=30, dtype=dtype)
-    kpm = torch.rand(3, 30, generator=torch.Generator().manual_seed(3)) > 0.4
-    kpm[1] = False
+    kpm = torch.rand(3, 30, generator=torch.Generator().manual_seed(3)) <= 0.4  # True = padding
+    kpm[1] = True  # batch 1 sees no key
     kpm = kpm.to(DEVICE)
     out = check_attention(backend, q, k, v, key_padding_mask=kpm)
     assert torch.all(out[1] == 0)
@@ -87,7 +87,7 @@ def test_alibi(backend, slopes_shape):
 
 def test_masks_combined(backend):
     q, k, v = make_inputs(B=2, H=4, Hkv=2, Nq=45, Nk=60, dtype=torch.bfloat16)
-    kpm = (torch.rand(2, 60, generator=torch.Generator().manual_seed(5)) > 0.2).to(DEVICE)
+    kpm = (torch.rand(2, 60, generator=torch.Generator().manual_seed(5)) <= 0.2).to(DEVICE)  # True = padding
     bias = torch.randn(1, 4, 45, 60, device=DEVICE, dtype=torch.bfloat16)
     check_attention(backend, q, k, v, causal=True, window=(16, None), key_padding_mask=kpm, bias=bias)
 
@@ -101,7 +101,7 @@ def test_cpu_forward_tile_paths(monkeypatch, tiles, D, dtype):
     if tiles != "default":
         monkeypatch.setenv("PYATTN_CPU_ATTN_BRGEMM", "0" if tiles == "sgemm" else "1")
     q, k, v = make_inputs(B=2, H=4, Hkv=2, Nq=301, Nk=333, D=D, dtype=dtype)
-    kpm = (torch.rand(2, 333, generator=torch.Generator().manual_seed(3)) > 0.25).to(DEVICE)
+    kpm = (torch.rand(2, 333, generator=torch.Generator().manual_seed(3)) <= 0.25).to(DEVICE)  # True = padding
     check_attention("cpu", q, k, v, causal=True, window=(97, None), key_padding_mask=kpm, dropout_p=0.2)
     check_attention("cpu", q, k, v)
     q, k, v = make_inputs(B=2, H=4, Hkv=2, Nq=7, Nk=19, D=D, dtype=dtype)  # decode-size: few query rows
@@ -146,8 +146,8 @@ def test_dropout_seeded_and_unbiased(backend):
 
 def test_return_lse(backend):
     q, k, v = make_inputs(Nq=19, Nk=23)
-    kpm = torch.ones(2, 23, dtype=torch.bool, device=DEVICE)
-    kpm[0] = False
+    kpm = torch.zeros(2, 23, dtype=torch.bool, device=DEVICE)
+    kpm[0] = True  # batch 0 is all padding
     out, lse = pyattn.attention(q, k, v, key_padding_mask=kpm, return_lse=True, backend=backend)
     ref = torch.logsumexp((q @ k.transpose(-1, -2)).double() * 32 ** -0.5, -1)
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, 19)
@@ -171,7 +171,7 @@ def test_opcheck(backend):
 
 
 def test_torch_compile_fullgraph():
-    mha = pyattn.nn.MultiheadAttention(32, 4, causal=True).to(DEVICE)
+    mha = pyattn.nn.GroupedQueryAttention(32, 4, causal=True).to(DEVICE)
 
     def f(x):
         return mha(x).sum()
@@ -212,7 +212,7 @@ def _bad(**over):
      "head dim must be in"),
     (dict(q=torch.ones(2, 2, 5, 8, dtype=torch.int64)), TypeError, "q must have dtype"),
     (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
-    (dict(key_padding_mask=torch.ones(2, 6)), TypeError, "key_padding_mask must have dtype"),
+    (dict(key_padding_mask=torch.ones(2, 6, dtype=torch.int32)), TypeError, "key_padding_mask must have dtype"),
     (dict(attn_mask=torch.ones(3, 5, 6, 1, dtype=torch.bool)), ValueError, "attn_mask must be broadcastable"),
     (dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)), TypeError, "attn_mask must be bool"),
     (dict(bias=torch.ones(4, 6)), ValueError, "bias must be broadcastable"),

@@ -51,11 +51,11 @@ def test_attention_window(backend):
 def test_attention_padding_bias_alibi(backend):
     B, H, N = 2, 4, 1024
     q, k, v = make_inputs(B=B, H=H, Nq=N, D=64, dtype=BF16)
-    keep = torch.ones(B, N, dtype=torch.bool, device=DEVICE)
-    keep[1, 700:] = False
+    pad = torch.zeros(B, N, dtype=torch.bool, device=DEVICE)
+    pad[1, 700:] = True  # True = padding (PyTorch's meaning)
     bias = torch.randn(1, H, N, N, device=DEVICE, dtype=BF16)
     slopes = torch.rand(H, device=DEVICE)
-    check_attention(backend, q, k, v, key_padding_mask=keep, bias=bias, alibi_slopes=slopes)
+    check_attention(backend, q, k, v, key_padding_mask=pad, bias=bias, alibi_slopes=slopes)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -165,7 +165,7 @@ def test_mask_matches_sdpa_and_is_tagged(case):
         assert got[k] == v, (k, got[k], v)
     # the structured arguments describe exactly the same mask
     B, _, Nq, Nk = ours.shape
-    kpm = info.key_padding_mask if info.key_padding_mask is not None else torch.ones(B, Nk, dtype=torch.bool)
+    kpm = info.key_keep if info.key_keep is not None else torch.ones(B, Nk, dtype=torch.bool)
     q = torch.randn(B, 2, Nq, 8)
     k = torch.randn(B, 2, Nk, 8)
     v = torch.randn(B, 2, Nk, 8)

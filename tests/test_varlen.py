@@ -73,8 +73,8 @@ def test_varlen_matches_padded_batch(backend):
     g = torch.Generator().manual_seed(1)
     x = [torch.randn(B, N, H, D, generator=g).to(DEVICE) for _ in range(3)]
     lengths = torch.tensor([40, 13, 1])
-    kpm = (torch.arange(N)[None, :] < lengths[:, None]).to(DEVICE)
-    padded = pyattn.attention(*(t.transpose(1, 2) for t in x), key_padding_mask=kpm, causal=True, backend=backend)
+    kpm = (torch.arange(N)[None, :] < lengths[:, None]).to(DEVICE)  # True = real token (unpad's convention)
+    padded = pyattn.attention(*(t.transpose(1, 2) for t in x), key_padding_mask=~kpm, causal=True, backend=backend)
     packed = [pyattn.unpad(t, kpm) for t in x]
     _, idx, cu, max_len = packed[0]
     out = pyattn.varlen_attention(packed[0][0], packed[1][0], packed[2][0], cu, cu, max_len, max_len, causal=True,

@@ -189,16 +189,17 @@ def _varlen_cases(device, dtype, quick) -> List[Case]:
     B, N, H, D = (16, 512, 12, 64) if not quick else (8, 256, 4, 64)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(N // 8, N + 1, (B,), generator=g)
-    kpm = (torch.arange(N)[None, :] < lengths[:, None]).to(device)
+    keep = (torch.arange(N)[None, :] < lengths[:, None]).to(device)  # True = real token
+    pad = ~keep  # key_padding_mask: True = padding (PyTorch's meaning)
     x = [torch.randn(B, N, H, D, device=device, dtype=dtype) for _ in range(3)]
-    packed = [pyattn.unpad(t, kpm)[0] for t in x]
-    _, _, cu, max_len = pyattn.unpad(x[0], kpm)
+    packed = [pyattn.unpad(t, keep)[0] for t in x]
+    _, _, cu, max_len = pyattn.unpad(x[0], keep)
     q, k, v = (t.transpose(1, 2) for t in x)
     flops = sum(4 * H * int(n) * int(n) * D for n in lengths)
-    mask4 = kpm[:, None, None, :]
+    mask4 = keep[:, None, None, :]
     impls = {
         "pyattn": lambda: pyattn.varlen_attention(*packed, cu, cu, max_len, max_len),
-        "pyattn-padded": lambda: pyattn.attention(q, k, v, key_padding_mask=kpm),
+        "pyattn-padded": lambda: pyattn.attention(q, k, v, key_padding_mask=pad),
         "sdpa-padded": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask4),
     }
     fill = float(lengths.sum()) / (B * N)

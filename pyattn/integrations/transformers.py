@@ -89,10 +89,10 @@ _INFO_ATTR = "_pyattn_mask_info"
 @dataclass(frozen=True)
 class MaskInfo:
     """The structure of an HF mask M (B, 1, Nq, Nk):
-    ``M == key_padding_mask[:, None, None, :] & band(window, alignment)``."""
+    ``M == key_keep[:, None, None, :] & band(window, alignment)``."""
 
     shape: Tuple[int, int, int, int]
-    key_padding_mask: Optional[Tensor]  # (B, Nk) bool, True = keep; None = no padding
+    key_keep: Optional[Tensor]  # (B, Nk) bool, True = real token; None = no padding
     window: Optional[Tuple[Optional[int], Optional[int]]]  # pyattn (left, right); None = full
     causal_alignment: str  # "bottom_right" or "top_left"
 
@@ -101,7 +101,8 @@ class MaskInfo:
         window = self.window
         if causal:
             window = None if self.window[0] is None else (self.window[0], None)
-        return dict(key_padding_mask=self.key_padding_mask, causal=causal, window=window,
+        kpm = None if self.key_keep is None else ~self.key_keep  # pyattn.attention: True = padding
+        return dict(key_padding_mask=kpm, causal=causal, window=window,
                     causal_alignment=self.causal_alignment)
 
 
@@ -175,20 +176,20 @@ def _analyse(mask: Tensor, args: dict) -> Optional[MaskInfo]:
         return None
     window, alignment = win
     padding = args.get("attention_mask")
-    kpm = None
+    keep = None
     if padding is not None:
         padding = _masking_utils.prepare_padding_mask(padding, Nk, kv_offset)
-        kpm = padding[:, kv_offset:kv_offset + Nk].to(device=device, dtype=torch.bool)
-        if tuple(kpm.shape) != (B, Nk):
+        keep = padding[:, kv_offset:kv_offset + Nk].to(device=device, dtype=torch.bool)
+        if tuple(keep.shape) != (B, Nk):
             return None
     expected = pattern[None, None]
-    if kpm is not None:
-        expected = expected & kpm[:, None, None, :]
+    if keep is not None:
+        expected = expected & keep[:, None, None, :]
     if not torch.equal(mask, expected.expand(B, 1, Nq, Nk)):
         return None
-    if kpm is not None and bool(kpm.all()):
-        kpm = None
-    return MaskInfo((B, 1, Nq, Nk), kpm, window, alignment)
+    if keep is not None and bool(keep.all()):
+        keep = None
+    return MaskInfo((B, 1, Nq, Nk), keep, window, alignment)
 
 
 _SDPA_MASK_SIGNATURE = inspect.signature(_masking_utils.sdpa_mask)
@@ -325,7 +326,7 @@ def _decode_window(query: Tensor, key: Tensor, value: Tensor, attention_mask: Op
         # transformers' sdpa with no mask: a single query attends to every key
         return (True, None) if Nq == 1 else None
     info = mask_info(attention_mask)
-    if info is None or info.key_padding_mask is not None or info.shape[0] != query.shape[0] \
+    if info is None or info.key_keep is not None or info.shape[0] != query.shape[0] \
             or info.shape[2:] != (Nq, Nk) or info.causal_alignment != "bottom_right":
         return None
     kw = info.attention_kwargs()

@@ -1,8 +1,8 @@
 """``torch.nn`` modules built on pyattn ops."""
-from .attention import MultiheadAttention
+from .attention import GroupedQueryAttention, MultiheadAttention
 from .block_sparse import BlockSparseSelfAttention
 from .glu import GLUFeedForward
 from .rms_norm import RMSNorm
 from .lsh import LSHSelfAttention
 
-__all__ = ["RMSNorm", "MultiheadAttention", "BlockSparseSelfAttention", "GLUFeedForward", "LSHSelfAttention"]
+__all__ = ["RMSNorm", "MultiheadAttention", "GroupedQueryAttention", "BlockSparseSelfAttention", "GLUFeedForward", "LSHSelfAttention"]

@@ -56,9 +56,9 @@ def _attention_case(dtype: torch.dtype, D: int, variant: str) -> Callable[[], No
         if variant == "window":
             kw["window"] = (128, 0)
         if variant in ("padding", "all"):
-            keep = torch.ones(B, N, dtype=torch.bool)
-            keep[1, 200:] = False
-            kw["key_padding_mask"] = keep
+            pad = torch.zeros(B, N, dtype=torch.bool)
+            pad[1, 200:] = True  # True = padding (PyTorch's meaning)
+            kw["key_padding_mask"] = pad
         if variant in ("bias", "all"):
             kw["bias"] = torch.randn(1, H, N, N, dtype=dtype).requires_grad_()
         if variant in ("alibi", "all"):
