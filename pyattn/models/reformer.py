@@ -111,10 +111,10 @@ class ReformerConfig:
             if len(self.axial_pos_embds_dim) != 2 or sum(self.axial_pos_embds_dim) != self.hidden_size:
                 raise ValueError(f"axial_pos_embds_dim must be two ints summing to hidden_size ({self.hidden_size}), "
                                  f"got {list(self.axial_pos_embds_dim)}")
-        if self.is_decoder and "local" in self.attn_layers and self.local_num_chunks_after:
-            raise ValueError(f"local_num_chunks_after must be 0 when is_decoder (causal), got {self.local_num_chunks_after}")
-        if self.is_decoder and "lsh" in self.attn_layers and self.lsh_num_chunks_after:
-            raise ValueError(f"lsh_num_chunks_after must be 0 when is_decoder (causal), got {self.lsh_num_chunks_after}")
+        for kind in ("local", "lsh"):
+            after = getattr(self, f"{kind}_num_chunks_after")
+            if self.is_decoder and kind in self.attn_layers and after:
+                raise ValueError(f"{kind}_num_chunks_after must be 0 when is_decoder (causal), got {after}")
 
     @property
     def num_hidden_layers(self) -> int:
