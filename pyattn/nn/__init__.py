@@ -4,5 +4,7 @@ from .block_sparse import BlockSparseSelfAttention
 from .glu import GLUFeedForward
 from .rms_norm import RMSNorm
 from .lsh import LSHSelfAttention
+from .local import LocalSelfAttention
 
-__all__ = ["RMSNorm", "MultiheadAttention", "GroupedQueryAttention", "BlockSparseSelfAttention", "GLUFeedForward", "LSHSelfAttention"]
+__all__ = ["RMSNorm", "MultiheadAttention", "GroupedQueryAttention", "BlockSparseSelfAttention", "GLUFeedForward",
+           "LSHSelfAttention", "LocalSelfAttention"]
