@@ -149,8 +149,7 @@ class LocalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         L = self.chunk_length
         if N <= L:
-            keep = None if key_padding_mask is None else ~key_padding_mask
-            return attention(q, k, v, causal=self.is_decoder, key_padding_mask=keep, dropout_p=p,
+            return attention(q, k, v, causal=self.is_decoder, key_padding_mask=key_padding_mask, dropout_p=p,
                              backend=self.backend)
         Np = -(-N // L) * L
         kpm = key_padding_mask
@@ -164,8 +163,7 @@ class LocalSelfAttention(nn.Module):
             mult = chunk_multiplicity(C, self.num_chunks_before, self.num_chunks_after, q.device)
             chunk = torch.arange(Np, device=q.device) // L
             bias = mult[chunk][:, chunk].to(q.dtype).log()  # (Np, Np), -inf where unseen
-            keep = None if kpm is None else ~kpm
-            out = attention(q, k, v, causal=self.is_decoder, key_padding_mask=keep, bias=bias, dropout_p=p,
+            out = attention(q, k, v, causal=self.is_decoder, key_padding_mask=kpm, bias=bias, dropout_p=p,
                             backend=self.backend)
         else:
             out = block_sparse_attention(q, k, v, self._schedule(Np, q.device), causal=self.is_decoder,
