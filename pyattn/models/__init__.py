@@ -5,6 +5,7 @@ from .families import (AlbertConfig, AlbertForMaskedLM, AlbertForPreTraining, Al
                        ElectraDiscriminator, ElectraForMaskedLM, ElectraForPreTraining, ElectraModel, RobertaConfig,
                        RobertaForMaskedLM, RobertaModel)
 from .transformer import BeamSearchOutput, Seq2SeqOutput, TransformerConfig, TransformerSeq2Seq
+from .sparse_transformer import SparseTransformerConfig, SparseTransformerLM
 from .checkpoint import from_hf_state_dict, from_pretrained, save_pretrained
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "ElectraConfig", "ElectraModel", "ElectraForMaskedLM", "ElectraDiscriminator", "ElectraForPreTraining",
     "TransformerConfig", "TransformerSeq2Seq", "Seq2SeqOutput", "BeamSearchOutput",
     "from_pretrained", "from_hf_state_dict", "save_pretrained",
+    "SparseTransformerConfig", "SparseTransformerLM",
 ]
