@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (mlm and sparse_transformer)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard); needs torchrun")
     g.add_argument("--seed", type=int, default=0)
@@ -87,6 +87,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--val-fraction must be in (0, 1), got {a.val_fraction}")
     if a.lr <= 0:
         p.error(f"--lr must be > 0, got {a.lr}")
+    if a.bf16 and a.task == "clm" and a.model == "llama":
+        # LlamaForCausalLM hands autocast's mixed fp32/bf16 tensors to pyattn.glu_ffn / attention,
+        # which take one dtype for all their tensors
+        p.error("--bf16 is not supported with --model llama yet (pyattn.glu_ffn and attention take one dtype; "
+                "under autocast LlamaForCausalLM mixes fp32 and bf16); use --model sparse_transformer or --task mlm")
     if a.warmup == 0:
         a.warmup = 1
     return a
