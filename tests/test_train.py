@@ -37,7 +37,7 @@ def _losses(out: Path, key="loss"):
 def test_corpus_is_the_stdlib_source_and_mlm_masks():
     c = Corpus.load()
     assert "standard library" in c.description and len(c.train) > 500_000
-    text = bytes(c.train[:4000].tolist()).decode("utf-8", errors="replace")
+    text = bytes(c.train[:20000].tolist()).decode("utf-8", errors="replace")
     assert "# ---- argparse ----" in text and "def " in text
     inputs, labels = mlm_batch(c.train, 8, 128, torch.Generator().manual_seed(0))
     frac = (labels != -100).float().mean().item()
