@@ -119,3 +119,11 @@ def test_torchrun_two_processes_equal_one_with_the_doubled_batch(tmp_path, mode)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x2" in proc.stdout
     torch.testing.assert_close(torch.tensor(_losses(out)), torch.tensor(single), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_losses(tmp_path):
+    args = ["--steps", "3", "--model", "sparse_transformer"]
+    eager = _losses(_run(tmp_path, "eager", *args))
+    compiled = _losses(_run(tmp_path, "compiled", *args, "--compile"))
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=1e-4)

@@ -176,7 +176,8 @@ class SparseTransformerLM(nn.Module):
     ``cross_entropy(logits[:, :-1], labels[:, 1:])``.
 
     The layout for each sequence length N <= ``max_position_embeddings`` is built once on the
-    input's device and cached (:meth:`layout`).
+    input's device and cached (:meth:`layout`); build it before ``torch.compile`` traces the model
+    (``model.layout(N, device)``) and the compiled forward has no graph break.
     """
 
     def __init__(self, config: SparseTransformerConfig):
@@ -224,7 +225,8 @@ class SparseTransformerLM(nn.Module):
         if input_ids.shape[1] > c.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than the context "
                              f"max_position_embeddings={c.max_position_embeddings}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
+        # the value check reads the ids on the host: skipped while torch.compile traces
+        if input_ids.numel() and not torch.compiler.is_compiling() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
             raise ValueError(f"input_ids must be in [0, vocab_size={c.vocab_size}), got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
