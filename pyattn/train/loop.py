@@ -55,7 +55,7 @@ def evaluate(model, args, corpus: Corpus, d) -> float:
             inputs, labels = make_batch(args, corpus.val, rows, gen)
             sl = slice(d.rank * args.batch_size, (d.rank + 1) * args.batch_size)
             with _autocast(args, d):
-                s, n = loss_sum(model, args.task, inputs[sl].to(d.device), labels[sl].to(d.device))
+                s, n = loss_sum(model, inputs[sl].to(d.device), labels[sl].to(d.device))
             total += torch.tensor([s.item(), n], dtype=torch.float64)
     model.train()
     total = distributed.all_sum(total, d)
@@ -139,7 +139,7 @@ def train(args) -> List[dict]:
                 sl = slice(first, first + args.batch_size)
                 with distributed.no_sync(model, m == args.grad_accum - 1):
                     with _autocast(args, d):
-                        s, _ = loss_sum(fwd, args.task, inputs[sl].to(d.device), labels[sl].to(d.device))
+                        s, _ = loss_sum(fwd, inputs[sl].to(d.device), labels[sl].to(d.device))
                     (s * (d.world_size / max(count, 1))).backward()
                 step_loss += s.detach().double().cpu() / max(count, 1)
             if args.clip > 0:

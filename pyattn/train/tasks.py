@@ -50,7 +50,7 @@ def layer_list(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__} has no nn.ModuleList of layers")
 
 
-def loss_sum(model: nn.Module, task: str, inputs: Tensor, labels: Tensor) -> Tuple[Tensor, int]:
+def loss_sum(model: nn.Module, inputs: Tensor, labels: Tensor) -> Tuple[Tensor, int]:
     """(sum of the token cross-entropies (fp32 scalar), number of predicted tokens).
 
     mlm: labels -100 = not predicted; clm: labels[b, t] is the token after inputs[b, t]."""
