@@ -69,8 +69,9 @@ def test_mlm_bert_loss_decreases(tmp_path):
     assert losses[-1] < losses[0] - 1.0, losses
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    common = ["--steps", "8", "--dropout", "0.1", "--save-every", "2"]
+@pytest.mark.parametrize("task", [["--task", "clm", "--dropout", "0.1"], ["--task", "mlm"]], ids=["clm", "mlm"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, task):
+    common = ["--steps", "8", "--save-every", "2", *task]
     full = _losses(_run(tmp_path, "full", *common))
     _run(tmp_path, "split", *common, "--stop-at", "4")
     assert len(_losses(tmp_path / "split")) == 4
