@@ -26,7 +26,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["pyattn", "pyattn.ops", "pyattn.reference", "pyattn.nn", "pyattn.bench", "pyattn.integrations",
-              "pyattn.models", "pyattn.tools", "pyattn.kernels", "pyattn._csrc"],
+              "pyattn.models", "pyattn.train", "pyattn.tools", "pyattn.kernels", "pyattn._csrc"],
     package_dir={"pyattn.kernels": "kernels", "pyattn._csrc": "csrc"},
     package_data={"pyattn._csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]},
     install_requires=[TORCH, "numpy", "ninja"],

@@ -6,6 +6,7 @@ from .families import (AlbertConfig, AlbertForMaskedLM, AlbertForPreTraining, Al
                        RobertaForMaskedLM, RobertaModel)
 from .transformer import BeamSearchOutput, Seq2SeqOutput, TransformerConfig, TransformerSeq2Seq
 from .reformer import ReformerConfig, ReformerLM
+from .sparse_transformer import SparseTransformerConfig, SparseTransformerLM
 from .checkpoint import from_hf_state_dict, from_pretrained, save_pretrained
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "TransformerConfig", "TransformerSeq2Seq", "Seq2SeqOutput", "BeamSearchOutput",
     "from_pretrained", "from_hf_state_dict", "save_pretrained",
     "ReformerConfig", "ReformerLM",
+    "SparseTransformerConfig", "SparseTransformerLM",
 ]
