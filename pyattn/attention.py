@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._autocast import autocast_inputs
 from ._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_tensor
 from .ops.attention import _NO_BLOCK_SCHEDULE, MAX_HEAD_DIM, attention_forward
 
@@ -187,6 +188,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         F.scaled_dot_product_attention(q, k, v, attn_mask=~key_padding_mask[:, None, None, :])
     """
     check_backend_arg(backend)
+    q, k, v = autocast_inputs(q, k, v)
     _check_qkv(q, k, v, packed=False)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -267,6 +269,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         out (total_q, H, D), and lse (H, total_q) if requested.
     """
     check_backend_arg(backend)
+    q, k, v = autocast_inputs(q, k, v)
     _check_qkv(q, k, v, packed=True)
     total_q, H, D = q.shape
     total_k = k.shape[0]

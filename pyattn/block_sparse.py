@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch
+from ._autocast import autocast_inputs
 from ._validate import check_backend_arg, check_same_device, check_tensor
 from .attention import _check_dropout, _check_qkv, _check_scale, _dropout_seed, _unit_last_stride
 from .block_mask import BlockMask
@@ -74,6 +75,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockMask, *
         out = torch.nan_to_num(torch.softmax(s, -1)) @ v
     """
     check_backend_arg(backend)
+    q, k, v = autocast_inputs(q, k, v)
     _check_qkv(q, k, v, packed=False)
     B, H, Nq, D = q.shape
     Nk = k.shape[2]

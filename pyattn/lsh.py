@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _dispatch
+from ._autocast import autocast_inputs
 from ._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_shape, \
     check_tensor
 from .ops.lsh import MAX_HEAD_DIM, lsh_forward
@@ -175,6 +176,7 @@ def lsh_attention(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Option
     Equivalent PyTorch: pyattn/reference/lsh.py (``hash_buckets``, ``sort_by_bucket``,
     ``lsh_chunks_reference``, ``combine_rounds``).
     """
+    qk, v = autocast_inputs(qk, v)
     n_buckets = _validate(qk, v, n_hashes, n_buckets, chunk_length, chunks_before, chunks_after, causal,
                           key_padding_mask, rotations, seed, scale, dropout_p, return_lse, backend)
     B, H, N, D = qk.shape

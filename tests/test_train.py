@@ -86,8 +86,9 @@ def test_grad_accum_equals_the_doubled_batch(tmp_path):
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_autocast_trains(tmp_path):
-    losses = _losses(_run(tmp_path, "bf16", "--steps", "6", "--bf16", "--model", "sparse_transformer"))
+@pytest.mark.parametrize("model", ["sparse_transformer", "llama"])
+def test_bf16_autocast_trains(tmp_path, model):
+    losses = _losses(_run(tmp_path, "bf16", "--steps", "6", "--bf16", "--model", model))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 
 

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import layouts
+from .._autocast import autocast_dtype
 from ..block_mask import BlockMask
 from ..block_sparse import block_sparse_attention
 from ..nn.glu import GLUFeedForward
-from ..ops.glu import glu_ffn
 from ..nn.rms_norm import RMSNorm
 from .llama import CausalLMOutput
 
@@ -138,22 +138,6 @@ def _norm(config: SparseTransformerConfig) -> nn.Module:
     return _LayerNorm(config.hidden_size, eps=config.norm_eps)
 
 
-def _autocast_dtype(t: Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype active for ``t``'s device, or None."""
-    kind = t.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-
-
-def _feed_forward(ffn: GLUFeedForward, y: Tensor) -> Tensor:
-    """``ffn(y)``; under autocast the op gets its input and weights in the autocast dtype
-    (pyattn ops take one dtype for all their tensors)."""
-    dt = _autocast_dtype(y)
-    if dt is None:
-        return ffn(y)
-    return glu_ffn(y.to(dt), ffn.gate_up_proj.to(dt), ffn.down_proj.to(dt), activation=ffn.activation,
-                   backend=ffn.backend)
-
-
 class SparseTransformerBlock(nn.Module):
     def __init__(self, config: SparseTransformerConfig):
         super().__init__()
@@ -167,7 +151,7 @@ class SparseTransformerBlock(nn.Module):
     def forward(self, x: Tensor, layout: BlockMask) -> Tensor:
         a = self.dropout(self.attn(self.attn_norm(x), layout))
         y, h = self.ffn_norm(a, residual=x)  # h = x + a, y = Norm(h)
-        return h + self.dropout(_feed_forward(self.ffn, y))
+        return h + self.dropout(self.ffn(y))  # under autocast glu_ffn casts y and its weights
 
 
 class SparseTransformerLM(nn.Module):
@@ -236,7 +220,7 @@ class SparseTransformerLM(nn.Module):
         layout = self.layout(N, input_ids.device)
         pos = torch.arange(N, device=input_ids.device)
         x = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(pos))
-        dt = _autocast_dtype(x)
+        dt = autocast_dtype(x)
         if dt is not None:  # the residual stream in the autocast dtype, like the projections' outputs
             x = x.to(dt)
         for layer in self.layers:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch
+from .._autocast import autocast_inputs
 from .._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_shape, \
     check_tensor
 from ..reference.glu import ACTIVATIONS, glu_backward_reference, glu_reference
@@ -286,6 +287,7 @@ def glu(gate: Tensor, up: Tensor, activation: str = "silu", *, backend: Optional
         torch.nn.functional.silu(gate) * up
     """
     check_backend_arg(backend)
+    gate, up = autocast_inputs(gate, up)
     code = _activation_code(activation)
     check_tensor("gate", gate, min_ndim=1, dtypes=_ALL_DTYPES)
     check_tensor("up", up, min_ndim=1, dtypes=_ALL_DTYPES)
@@ -356,6 +358,7 @@ def glu_ffn(x: Tensor, w_gate_up: Tensor, w_down: Tensor, *, activation: str = "
         out = F.linear(F.silu(pre[..., :I]) * pre[..., I:], w_down, bias_down)
     """
     check_backend_arg(backend)
+    x, w_gate_up, w_down, bias_gate_up, bias_down = autocast_inputs(x, w_gate_up, w_down, bias_gate_up, bias_down)
     code = _activation_code(activation)
     H = _validate_ffn(x, w_gate_up, w_down, bias_gate_up, bias_down)
     name = _dispatch.select_backend("glu_ffn", "glu", x.device, backend, (x.dtype,))

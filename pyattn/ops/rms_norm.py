@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
+from .._autocast import autocast_dtype
 from .._validate import FLOAT_DTYPES, check_backend_arg, check_positive, check_same_device, check_same_dtype, \
     check_shape, check_tensor
 from ..reference.rms_norm import rms_norm_backward_reference, rms_norm_reference
@@ -139,7 +140,13 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, r
         h = x + residual if residual is not None else x
         hf = h.float()
         y = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+    Under ``torch.autocast`` a residual of another float dtype is accepted: both are promoted to
+    the wider dtype first (as ``x + residual`` would be); the norm itself is not cast down.
     """
+    if residual is not None and isinstance(x, Tensor) and isinstance(residual, Tensor) \
+            and residual.dtype != x.dtype and autocast_dtype(x) is not None:
+        wide = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(wide), residual.to(wide)
     N = _validate(x, weight, eps, residual, backend)
     name = _dispatch.select_backend("rms_norm", "rms_norm", x.device, backend, (x.dtype,))
     x2 = _rows(x, N)

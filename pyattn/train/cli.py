@@ -87,11 +87,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f"--val-fraction must be in (0, 1), got {a.val_fraction}")
     if a.lr <= 0:
         p.error(f"--lr must be > 0, got {a.lr}")
-    if a.bf16 and a.task == "clm" and a.model == "llama":
-        # LlamaForCausalLM hands autocast's mixed fp32/bf16 tensors to pyattn.glu_ffn / attention,
-        # which take one dtype for all their tensors
-        p.error("--bf16 is not supported with --model llama yet (pyattn.glu_ffn and attention take one dtype; "
-                "under autocast LlamaForCausalLM mixes fp32 and bf16); use --model sparse_transformer or --task mlm")
     if a.warmup == 0:
         a.warmup = 1
     return a
