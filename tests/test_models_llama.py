@@ -133,3 +133,13 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     ids = _ids(1, 40)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=2e-4, rtol=1e-4)
+
+
+def test_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 16))
+    explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
