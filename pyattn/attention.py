@@ -6,6 +6,7 @@ and pick a backend.
 """
 from __future__ import annotations
 
+import typing
 from typing import Optional, Tuple, Union
 
 import torch
@@ -281,6 +282,61 @@ def _broadcast_batch(query: Tensor, key: Tensor, value: Tensor, inner: int) -> T
                          f"and value {tuple(value.shape[:-inner])} must broadcast") from None
 
 
+try:  # torch >= 2.2: mask descriptions that SDPA takes through __torch_function__
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+except ImportError:  # pragma: no cover - older torch
+    CausalBias = CausalVariant = None
+
+_DEFAULT_TORCH_FUNCTION = torch.Tensor.__torch_function__.__func__
+
+
+def _own_torch_function(t: Tensor) -> bool:
+    """True for a Tensor subclass with its own ``__torch_function__`` (not Tensor's, not disabled)."""
+    if type(t) in (Tensor, torch.nn.Parameter):
+        return False
+    tf = getattr(type(t), "__torch_function__", None)
+    return getattr(tf, "__func__", tf) not in (_DEFAULT_TORCH_FUNCTION, torch._C._disabled_torch_function_impl)
+
+
+def _sdpa_mask(attn_mask, is_causal: bool, L: int, S: int) -> Tuple[Optional[Tensor], bool, str]:
+    """(attn_mask, is_causal, causal_alignment) for the engine, from SDPA's attn_mask / is_causal.
+
+    A ``torch.nn.attention.bias.CausalBias`` is a description, not a mask (its storage is never
+    read): ``causal_upper_left`` is ``is_causal=True``; ``causal_lower_right`` is causal attention
+    aligned to the bottom-right corner (query i sees keys j <= i + S - L; when L > S the first
+    L - S rows see no key and are 0).
+    """
+    if CausalBias is not None and isinstance(attn_mask, CausalBias):
+        if is_causal:
+            raise InputError("attn_mask is a CausalBias, which is already causal; is_causal must be False "
+                             "(CausalBias should not be used with causal=True)")
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+            raise InputError(f"attn_mask is a CausalBias for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
+                             f"but query and key give (L, S) = ({L}, {S})")
+        if attn_mask.variant == CausalVariant.UPPER_LEFT:
+            return None, True, "top_left"
+        if attn_mask.variant == CausalVariant.LOWER_RIGHT:
+            return None, True, "bottom_right"
+        raise InputError(f"attn_mask is a CausalBias with an unknown variant {attn_mask.variant!r}")
+    if attn_mask is None:
+        return None, bool(is_causal), "top_left"
+    if not isinstance(attn_mask, Tensor):
+        raise InputTypeError(f"attn_mask must be a torch.Tensor, a CausalBias or None, got {type(attn_mask).__name__}")
+    if _own_torch_function(attn_mask):
+        # it declined to handle pyattn.sdpa (we are called back with its __torch_function__
+        # disabled); its storage need not be the mask it stands for (CausalBias's is not)
+        raise InputTypeError(f"attn_mask is a {type(attn_mask).__module__}.{type(attn_mask).__qualname__}, a Tensor "
+                             f"subclass with its own __torch_function__ that pyattn.sdpa does not know how to read; "
+                             f"pass a plain bool/float tensor (e.g. attn_mask.as_subclass(torch.Tensor)) or a "
+                             f"torch.nn.attention.bias.CausalBias")
+    if attn_mask.is_nested:
+        raise InputError("attn_mask must be a dense tensor, got a nested tensor")
+    if is_causal:
+        raise InputError("attn_mask must be None when is_causal=True (Explicit attn_mask should not be set when "
+                         "is_causal=True); pass one or the other")
+    return attn_mask, False, "top_left"
+
+
 def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and semantics).
@@ -288,18 +344,48 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev): any number of leading
     batch dims, broadcast between query, key and value as SDPA does; 3-D (N, L, E) and 2-D (L, E)
     inputs too. Hkv must equal Hq, be 1 (broadcast), or divide Hq with ``enable_gqa=True``.
-    ``attn_mask``: bool (True = attend) or additive float, broadcastable to (..., Hq, L, S).
-    ``is_causal`` is top-left aligned (query i sees keys j <= i) as in SDPA. Differences: dropout
-    draws its own (equally distributed) mask; a float mask may have any float dtype.
+    ``attn_mask``: bool (True = attend) or additive float, broadcastable to (..., Hq, L, S), or a
+    ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``).
+    ``is_causal`` is top-left aligned (query i sees keys j <= i) as in SDPA; it cannot be combined
+    with an ``attn_mask``. Rows that see no key are 0.
+
+    Errors: bad input raises ``pyattn.InputError`` / ``pyattn.InputTypeError``, which are
+    ``ValueError`` / ``TypeError`` and also ``RuntimeError`` (what torch's SDPA raises).
+
+    ``__torch_function__``: the call goes through torch's override protocol (``pyattn.sdpa`` is the
+    function a subclass or a TorchFunctionMode sees). A Tensor subclass with its own
+    ``__torch_function__`` that does not handle ``pyattn.sdpa`` is not read as a mask (error).
+
+    TorchScript: a scripted module may call ``pyattn.sdpa``; the call runs in Python
+    (``torch.jit.ignore``), so the scripted module works in this process (its errors arrive as
+    TorchScript's RuntimeError quoting the InputError) but cannot be saved with ``torch.jit.save``.
+
+    Differences from torch: dropout draws its own (equally distributed) mask; a float mask may
+    have any float dtype; a CausalBias must match (L, S).
 
     Equivalent PyTorch::
 
         torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
                                                          is_causal, scale, enable_gqa)
     """
+    return _sdpa_python(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+@torch.jit.ignore  # a scripted caller calls back into Python here
+def _sdpa_python(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                 is_causal: bool, scale: Optional[float], enable_gqa: bool) -> Tensor:
+    relevant = (query, key, value) if attn_mask is None or (CausalBias is not None and isinstance(
+        attn_mask, CausalBias)) else (query, key, value, attn_mask)
+    if torch.overrides.has_torch_function(relevant):
+        return torch.overrides.handle_torch_function(
+            sdpa, relevant, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested:
+            raise InputError(f"{name} must be a dense tensor, got a nested tensor "
+                             f"(pyattn.varlen_attention takes packed variable-length sequences)")
         if t.dim() < 2:
             raise InputError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
     for name, t in (("key", key), ("value", value)):
@@ -312,6 +398,7 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
         raise InputError(f"key and value must have the same sequence length, got {key.shape[-2]} and {value.shape[-2]}")
     if key.shape[-1] != query.shape[-1]:
         raise InputError(f"key head dim {key.shape[-1]} must equal query head dim {query.shape[-1]}")
+    attn_mask, is_causal, alignment = _sdpa_mask(attn_mask, is_causal, query.shape[-2], key.shape[-2])
     rank = query.dim()
     L, E = query.shape[-2:]
     S, Ev = key.shape[-2], value.shape[-1]
@@ -365,6 +452,12 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
         width = max(E, Ev)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
         query, key, value = pad(query), pad(key), pad(value)
-    out = attention(query, key, value, causal=is_causal, causal_alignment="top_left", scale=sc, attn_mask=attn_mask,
+    out = attention(query, key, value, causal=is_causal, causal_alignment=alignment, scale=sc, attn_mask=attn_mask,
                     dropout_p=dropout_p)
     return out[..., :Ev].reshape(out_shape)
+
+
+# TorchScript types sdpa and the call into _sdpa_python from their annotations: give it real
+# types, not the strings that ``from __future__ import annotations`` leaves
+sdpa.__annotations__ = typing.get_type_hints(sdpa)
+_sdpa_python.__annotations__ = typing.get_type_hints(_sdpa_python)
