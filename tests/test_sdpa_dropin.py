@@ -241,3 +241,49 @@ def test_compile_with_causal_bias_argument():
     assert isinstance(bias, CausalBias)
     f = torch.compile(lambda q, k, v, m: pyattn.sdpa(q, k, v, attn_mask=m), fullgraph=True)
     assert max_err(f(q, k, k, bias), pyattn.sdpa(q, k, k, attn_mask=bias)) == 0
+
+
+# ---- benchmarks/torch_sdpa_suite.py: the acceptance script's own logic -----------------------------
+
+def _suite_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_sdpa_suite.py"
+    spec = importlib.util.spec_from_file_location("torch_sdpa_suite", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_suite_script_classifies_failures():
+    suite = _suite_module()
+    assert "dropout random stream" in suite.match_accepted(
+        "TestTransformersCPU.test_scaled_dot_product_attention_4D_input_dim_no_attn_mask_dropout_p_0_5_cpu")
+    assert suite.match_accepted("TestTransformersCPU.test_scaled_dot_product_attention_4D_input_dim_no_attn_mask"
+                                "_dropout_p_0_0_cpu") is None
+    assert "backend choice" in suite.match_accepted("TestSDPACPU.test_fused_sdp_choice_cpu_type_dense_cpu")
+    control = {"A.t_torch": {"outcome": "failed"}, "A.t_ok": {"outcome": "passed"},
+               "A.t_new": {"outcome": "passed"}, "A.t_drop_dropout_p_0_2": {"outcome": "passed"}}
+    routed = {"A.t_torch": {"outcome": "failed"}, "A.t_ok": {"outcome": "passed"},
+              "A.t_new": {"outcome": "error", "message": "InputError: boom"},
+              "A.t_drop_dropout_p_0_2": {"outcome": "failed"}, "A.t_skip": {"outcome": "skipped"}}
+    rows = suite.classify(control, routed)
+    assert [(t, k) for t, k, _ in rows] == [("A.t_drop_dropout_p_0_2", "accepted"), ("A.t_new", "UNEXPECTED"),
+                                            ("A.t_torch", "torch")]
+    assert rows[1][2] == "InputError: boom"
+    counts = suite.summarize(routed)["A"]
+    assert (counts["passed"], counts["failed"], counts["error"], counts["skipped"]) == (1, 2, 1, 1)
+
+
+def test_suite_script_arguments(tmp_path, capsys):
+    suite = _suite_module()
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--help"])
+    assert suite.PINNED_REVISION in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        suite.parse_args([str(tmp_path / "missing.py")])
+    assert "curl -L -o" in capsys.readouterr().err
+    f = tmp_path / "test_transformers.py"
+    f.write_text("")
+    args = suite.parse_args([str(f), "-k", "causal", "-k", "mask", "--classes", "TestAttnBiasCPU"])
+    assert args.keyword == ["causal", "mask"] and args.classes == ["TestAttnBiasCPU"] and args.mode == "both"
