@@ -24,8 +24,6 @@ It imports only ``torch.testing._internal`` (shipped inside torch) plus one help
 torch's test folder (``test_cpp_extensions_open_device_registration``, used by the PrivateUse1
 class), which is stubbed when absent.
 """
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -39,6 +37,9 @@ import unittest
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
 
 PINNED_REVISION = "00030eb8e81f911c48c4d7634fa6b8bb2fae1a1b"
 FETCH_URL = f"https://raw.githubusercontent.com/pytorch/pytorch/{PINNED_REVISION}/test/test_transformers.py"
@@ -107,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"instantiated test classes to run (default: {' '.join(DEFAULT_CLASSES)})")
     p.add_argument("-k", dest="keyword", action="append", default=[],
                    help="run only tests whose id contains this substring (repeat: any of them)")
+    p.add_argument("--skip", action="append", default=[],
+                   help="leave out tests whose id contains this substring (repeat: any of them)")
     p.add_argument("--mode", choices=("both", "control", "pyattn"), default="both")
     p.add_argument("--json", type=Path, default=None, help="also write every test's outcome here")
     p.add_argument("--worker", choices=("control", "pyattn"), help=argparse.SUPPRESS)
@@ -159,34 +162,35 @@ class _Recorder(unittest.TestResult):
 
 
 _CALLS = {"pyattn": 0}  # calls routed to pyattn.sdpa during the current test
+_TORCH_SDPA = []  # the stock F.scaled_dot_product_attention, once routing is installed
 
 
-def make_router(torch_sdpa):
-    """F.scaled_dot_product_attention -> pyattn.sdpa, except for torch's math reference.
+def routed_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                enable_gqa: bool = False) -> Tensor:
+    """What F.scaled_dot_product_attention becomes: SDPA's exact signature, so TorchScript (which
+    compiles nn.MultiheadAttention's call to it) and torch.compile both take it."""
+    return _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
-    While only the math backend is enabled (``sdpa_kernel(SDPBackend.MATH)``: what the tests use
-    as their reference) the call stays on torch. A plain function, so torch.compile traces it.
-    """
-    import torch
+
+@torch.jit.ignore
+def _route(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+           is_causal: bool, scale: Optional[float], enable_gqa: bool) -> Tensor:
+    """pyattn.sdpa, except while only torch's math backend is enabled (``sdpa_kernel(MATH)``: the
+    tests' reference), where torch's own SDPA runs."""
     import pyattn
     from torch.nn.attention.bias import CausalBias
-
-    def math_only() -> bool:
-        b = torch.backends.cuda
-        return b.math_sdp_enabled() and not (b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled()
-                                             or b.cudnn_sdp_enabled())
-
-    def scaled_dot_product_attention(*args, **kwargs):
-        if not torch.compiler.is_compiling():
-            if math_only():
-                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-                if isinstance(mask, CausalBias):  # its dispatcher calls back through F (this router)
-                    return CausalBias._dispatch(*args, **kwargs)
-                return torch_sdpa(*args, **kwargs)
-            _CALLS["pyattn"] += 1
-        return pyattn.sdpa(*args, **kwargs)
-
-    return scaled_dot_product_attention
+    b = torch.backends.cuda
+    math_only = b.math_sdp_enabled() and not (b.flash_sdp_enabled() or b.mem_efficient_sdp_enabled()
+                                              or b.cudnn_sdp_enabled())
+    if not torch.compiler.is_compiling():
+        if math_only:
+            if isinstance(attn_mask, CausalBias):  # its dispatcher calls back through F (this router)
+                return CausalBias._dispatch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            return _TORCH_SDPA[0](query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                  enable_gqa=enable_gqa)
+        _CALLS["pyattn"] += 1
+    return pyattn.sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 def _worker(args) -> None:
@@ -203,11 +207,11 @@ def _worker(args) -> None:
         sys.modules[_STUB_MODULE] = stub
     import importlib.util
 
-    import torch
     import torch.nn.functional as F
     router = None
     if args.worker == "pyattn":
-        router = make_router(F.scaled_dot_product_attention)
+        _TORCH_SDPA.append(F.scaled_dot_product_attention)
+        router = routed_sdpa
         F.scaled_dot_product_attention = router
     spec = importlib.util.spec_from_file_location("test_transformers", args.test_file)
     module = importlib.util.module_from_spec(spec)
@@ -223,7 +227,7 @@ def _worker(args) -> None:
             raise SystemExit(f"test class {name} not in {args.test_file}")
         for test in loader.loadTestsFromTestCase(cls):
             tid = ".".join(test.id().split(".")[-2:])
-            if not args.keyword or any(k in tid for k in args.keyword):
+            if (not args.keyword or any(k in tid for k in args.keyword)) and not any(k in tid for k in args.skip):
                 suite.addTest(test)
     result = _Recorder()
     suite.run(result)
@@ -237,7 +241,8 @@ def _run_mode(args, mode: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{mode}.json"
         cmd = [sys.executable, os.path.abspath(__file__), str(args.test_file), "--worker", mode, "--out", str(out),
-               "--classes", *args.classes] + [a for k in args.keyword for a in ("-k", k)]
+               "--classes", *args.classes] + [a for k in args.keyword for a in ("-k", k)] \
+            + [a for k in args.skip for a in ("--skip", k)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not out.exists():
