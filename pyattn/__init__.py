@@ -4,6 +4,7 @@ Every op is a ``torch.library`` custom op with forward and backward on four back
 (triton, cuda, cpu, reference); see ``pyattn.backend_status``.
 """
 from ._dispatch import BackendUnavailableError, backend_status
+from ._validate import InputError, InputTypeError
 from .ops.rms_norm import rms_norm
 from .ops.glu import glu, glu_ffn
 from .attention import attention, sdpa, varlen_attention
@@ -21,4 +22,5 @@ from ._version import __version__
 
 __all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "block_sparse_attention", "BlockMask", "layouts", "lsh_attention", "decode_attention",
            "PagedKVCache", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError",
+           "InputError", "InputTypeError",
            "__version__"]

@@ -6,6 +6,7 @@ and pick a backend.
 """
 from __future__ import annotations
 
+import typing
 from typing import Optional, Tuple, Union
 
 import torch
@@ -13,7 +14,8 @@ from torch import Tensor
 
 from . import _dispatch
 from ._autocast import autocast_inputs
-from ._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_tensor
+from ._validate import (FLOAT_DTYPES, InputError, InputTypeError, check_backend_arg, check_same_device,
+                        check_same_dtype, check_tensor)
 from .ops.attention import _NO_BLOCK_SCHEDULE, MAX_HEAD_DIM, attention_forward
 
 _ALL_FLOATS = FLOAT_DTYPES + (torch.float64,)
@@ -30,7 +32,7 @@ def _check_qkv(q, k, v, *, packed: bool):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, dtypes=_ALL_FLOATS)
         if t.dim() != rank:
-            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+            raise InputError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
     for name, t in (("k", k), ("v", v)):
         check_same_dtype(name, t, "q", q)
         check_same_device(name, t, "q", q)
@@ -38,42 +40,42 @@ def _check_qkv(q, k, v, *, packed: bool):
     H, Hkv = q.shape[hdim], k.shape[hdim]
     D = q.shape[-1]
     if k.shape[-1] != D:
-        raise ValueError(f"k head dim {k.shape[-1]} must equal q head dim {D}")
+        raise InputError(f"k head dim {k.shape[-1]} must equal q head dim {D}")
     if v.shape[-1] != D:
-        raise ValueError(f"v head dim {v.shape[-1]} must equal q head dim {D} (use pyattn.sdpa for a different value dim)")
+        raise InputError(f"v head dim {v.shape[-1]} must equal q head dim {D} (use pyattn.sdpa for a different value dim)")
     if v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(f"v must have the shape of k in all but the last dim: k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise InputError(f"v must have the shape of k in all but the last dim: k {tuple(k.shape)}, v {tuple(v.shape)}")
     if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hkv})")
+        raise InputError(f"the number of query heads ({H}) must be a multiple of the number of key/value heads ({Hkv})")
     if not packed and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k batch size {k.shape[0]} must equal q batch size {q.shape[0]}")
+        raise InputError(f"k batch size {k.shape[0]} must equal q batch size {q.shape[0]}")
     if not 1 <= D <= MAX_HEAD_DIM and q.dtype != torch.float64:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+        raise InputError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {D}")
 
 
 def _check_window(window) -> Tuple[int, int]:
     if window is None:
         return -1, -1
     if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be a (left, right) pair, got {window!r}")
+        raise InputTypeError(f"window must be a (left, right) pair, got {window!r}")
     out = []
     for side, w in zip(("left", "right"), window):
         if w is None:
             out.append(-1)
             continue
         if isinstance(w, bool) or not isinstance(w, int):
-            raise TypeError(f"window {side} size must be an int or None, got {type(w).__name__}")
+            raise InputTypeError(f"window {side} size must be an int or None, got {type(w).__name__}")
         if w < 0:
-            raise ValueError(f"window {side} size must be >= 0 (None = unbounded), got {w}")
+            raise InputError(f"window {side} size must be >= 0 (None = unbounded), got {w}")
         out.append(w)
     return out[0], out[1]
 
 
 def _check_dropout(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+        raise InputTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise InputError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
 
 
@@ -81,7 +83,7 @@ def _check_scale(scale, D: int) -> float:
     if scale is None:
         return D ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise InputTypeError(f"scale must be a float or None, got {type(scale).__name__}")
     return float(scale)
 
 
@@ -95,11 +97,11 @@ def _dropout_seed(dropout_p: float, generator: Optional[torch.Generator]) -> Opt
 def _broadcast_bias(name: str, t: Tensor, B: int, H: int, Nq: int, Nk: int, q: Tensor) -> Tensor:
     check_same_device(name, t, "q", q)
     if t.dim() > 4:
-        raise ValueError(f"{name} must be broadcastable to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}, got shape {tuple(t.shape)}")
+        raise InputError(f"{name} must be broadcastable to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}, got shape {tuple(t.shape)}")
     try:
         return t.expand(B, H, Nq, Nk)
     except RuntimeError:
-        raise ValueError(f"{name} must be broadcastable to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}, "
+        raise InputError(f"{name} must be broadcastable to (B, H, Nq, Nk) = {(B, H, Nq, Nk)}, "
                          f"got shape {tuple(t.shape)}") from None
 
 
@@ -109,7 +111,7 @@ def _mask_to_bias(attn_mask: Tensor, B, H, Nq, Nk, q: Tensor) -> Tensor:
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
         return torch.where(m, zero, torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
     if attn_mask.dtype not in _ALL_FLOATS:
-        raise TypeError(f"attn_mask must be bool (True = attend) or a float additive mask, got {attn_mask.dtype}")
+        raise InputTypeError(f"attn_mask must be bool (True = attend) or a float additive mask, got {attn_mask.dtype}")
     return _broadcast_bias("attn_mask", attn_mask, B, H, Nq, Nk, q)
 
 
@@ -119,7 +121,7 @@ def _check_alibi(alibi_slopes, B, H, q) -> Optional[Tensor]:
     check_tensor("alibi_slopes", alibi_slopes, dtypes=_ALL_FLOATS)
     check_same_device("alibi_slopes", alibi_slopes, "q", q)
     if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
-        raise ValueError(f"alibi_slopes must have shape (H,) = ({H},) or (B, H) = ({B}, {H}), got {tuple(alibi_slopes.shape)}")
+        raise InputError(f"alibi_slopes must have shape (H,) = ({H},) or (B, H) = ({B}, {H}), got {tuple(alibi_slopes.shape)}")
     return alibi_slopes.to(torch.float32).expand(B, H)
 
 
@@ -239,14 +241,14 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, q: Tensor) -> None:
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
     check_same_device(name, cu, "q", q)
     if cu.numel() < 2:
-        raise ValueError(f"{name} must have at least 2 entries (S + 1), got {cu.numel()}")
+        raise InputError(f"{name} must have at least 2 entries (S + 1), got {cu.numel()}")
     c = cu.cpu()
     if int(c[0]) != 0:
-        raise ValueError(f"{name} must start at 0, got {int(c[0])}")
+        raise InputError(f"{name} must start at 0, got {int(c[0])}")
     if bool((c[1:] < c[:-1]).any()):
-        raise ValueError(f"{name} must be non-decreasing, got {c.tolist()[:16]}")
+        raise InputError(f"{name} must be non-decreasing, got {c.tolist()[:16]}")
     if int(c[-1]) != total:
-        raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {int(c[-1])}")
+        raise InputError(f"{name}[-1] must equal the number of packed tokens {total}, got {int(c[-1])}")
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -276,11 +278,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, q)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, q)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+        raise InputError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                          f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+            raise InputError(f"{name} must be a non-negative int, got {val!r}")
     S = cu_seqlens_q.numel() - 1
     wl, wr = _check_window(window)
     if causal:
@@ -298,6 +300,70 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     return (out, lse[0]) if return_lse else out
 
 
+def _broadcast_batch(query: Tensor, key: Tensor, value: Tensor, inner: int) -> Tuple[int, ...]:
+    """The broadcast batch dims of query, key and value (all but their last ``inner`` dims)."""
+    try:
+        return tuple(torch.broadcast_shapes(query.shape[:-inner], key.shape[:-inner], value.shape[:-inner]))
+    except RuntimeError:
+        raise InputError(f"the batch dims of query {tuple(query.shape[:-inner])}, key {tuple(key.shape[:-inner])} "
+                         f"and value {tuple(value.shape[:-inner])} must broadcast") from None
+
+
+try:  # torch >= 2.2: mask descriptions that SDPA takes through __torch_function__
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+except ImportError:  # pragma: no cover - older torch
+    CausalBias = CausalVariant = None
+
+_DEFAULT_TORCH_FUNCTION = torch.Tensor.__torch_function__.__func__
+
+
+def _own_torch_function(t: Tensor) -> bool:
+    """True for a Tensor subclass with its own ``__torch_function__`` (not Tensor's, not disabled)."""
+    if type(t) in (Tensor, torch.nn.Parameter):
+        return False
+    tf = getattr(type(t), "__torch_function__", None)
+    return getattr(tf, "__func__", tf) not in (_DEFAULT_TORCH_FUNCTION, torch._C._disabled_torch_function_impl)
+
+
+def _sdpa_mask(attn_mask, is_causal: bool, L: int, S: int) -> Tuple[Optional[Tensor], bool, str]:
+    """(attn_mask, is_causal, causal_alignment) for the engine, from SDPA's attn_mask / is_causal.
+
+    A ``torch.nn.attention.bias.CausalBias`` is a description, not a mask (its storage is never
+    read): ``causal_upper_left`` is ``is_causal=True``; ``causal_lower_right`` is causal attention
+    aligned to the bottom-right corner (query i sees keys j <= i + S - L; when L > S the first
+    L - S rows see no key and are 0).
+    """
+    if CausalBias is not None and isinstance(attn_mask, CausalBias):
+        if is_causal:
+            raise InputError("attn_mask is a CausalBias, which is already causal; is_causal must be False "
+                             "(CausalBias should not be used with causal=True)")
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+            raise InputError(f"attn_mask is a CausalBias for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}) "
+                             f"but query and key give (L, S) = ({L}, {S})")
+        if attn_mask.variant == CausalVariant.UPPER_LEFT:
+            return None, True, "top_left"
+        if attn_mask.variant == CausalVariant.LOWER_RIGHT:
+            return None, True, "bottom_right"
+        raise InputError(f"attn_mask is a CausalBias with an unknown variant {attn_mask.variant!r}")
+    if attn_mask is None:
+        return None, bool(is_causal), "top_left"
+    if not isinstance(attn_mask, Tensor):
+        raise InputTypeError(f"attn_mask must be a torch.Tensor, a CausalBias or None, got {type(attn_mask).__name__}")
+    if _own_torch_function(attn_mask):
+        # it declined to handle pyattn.sdpa (we are called back with its __torch_function__
+        # disabled); its storage need not be the mask it stands for (CausalBias's is not)
+        raise InputTypeError(f"attn_mask is a {type(attn_mask).__module__}.{type(attn_mask).__qualname__}, a Tensor "
+                             f"subclass with its own __torch_function__ that pyattn.sdpa does not know how to read; "
+                             f"pass a plain bool/float tensor (e.g. attn_mask.as_subclass(torch.Tensor)) or a "
+                             f"torch.nn.attention.bias.CausalBias")
+    if attn_mask.is_nested:
+        raise InputError("attn_mask must be a dense tensor, got a nested tensor")
+    if is_causal:
+        raise InputError("attn_mask must be None when is_causal=True (Explicit attn_mask should not be set when "
+                         "is_causal=True); pass one or the other")
+    return attn_mask, False, "top_left"
+
+
 def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
          is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and semantics).
@@ -305,33 +371,68 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev): any number of leading
     batch dims, broadcast between query, key and value as SDPA does; 3-D (N, L, E) and 2-D (L, E)
     inputs too. Hkv must equal Hq, be 1 (broadcast), or divide Hq with ``enable_gqa=True``.
-    ``attn_mask``: bool (True = attend) or additive float, broadcastable to (..., Hq, L, S).
-    ``is_causal`` is top-left aligned (query i sees keys j <= i) as in SDPA. Differences: dropout
-    draws its own (equally distributed) mask; a float mask may have any float dtype.
+    ``attn_mask``: bool (True = attend) or additive float, broadcastable to (..., Hq, L, S), or a
+    ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``).
+    ``is_causal`` is top-left aligned (query i sees keys j <= i) as in SDPA; it cannot be combined
+    with an ``attn_mask``. Rows that see no key are 0.
+
+    Errors: bad input raises ``pyattn.InputError`` / ``pyattn.InputTypeError``, which are
+    ``ValueError`` / ``TypeError`` and also ``RuntimeError`` (what torch's SDPA raises).
+
+    ``__torch_function__``: the call goes through torch's override protocol (``pyattn.sdpa`` is the
+    function a subclass or a TorchFunctionMode sees). A Tensor subclass with its own
+    ``__torch_function__`` that does not handle ``pyattn.sdpa`` is not read as a mask (error).
+
+    TorchScript: a scripted module may call ``pyattn.sdpa``; the call runs in Python
+    (``torch.jit.ignore``), so the scripted module works in this process (its errors arrive as
+    TorchScript's RuntimeError quoting the InputError) but cannot be saved with ``torch.jit.save``.
+
+    Differences from torch: dropout draws its own (equally distributed) mask; a float mask may
+    have any float dtype; a CausalBias must match (L, S).
 
     Equivalent PyTorch::
 
         torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
                                                          is_causal, scale, enable_gqa)
     """
+    return _sdpa_python(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+@torch.jit.ignore  # a scripted caller calls back into Python here
+def _sdpa_python(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                 is_causal: bool, scale: Optional[float], enable_gqa: bool) -> Tensor:
+    relevant = (query, key, value) if attn_mask is None or (CausalBias is not None and isinstance(
+        attn_mask, CausalBias)) else (query, key, value, attn_mask)
+    if torch.overrides.has_torch_function(relevant):
+        return torch.overrides.handle_torch_function(
+            sdpa, relevant, query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+            scale=scale, enable_gqa=enable_gqa)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.is_nested:
+            raise InputError(f"{name} must be a dense tensor, got a nested tensor "
+                             f"(pyattn.varlen_attention takes packed variable-length sequences)")
         if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+            raise InputError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    query, key, value = autocast_inputs(query, key, value)  # as SDPA under torch.autocast
+    for name, t in (("key", key), ("value", value)):
+        check_same_dtype(name, t, "query", query)
+        check_same_device(name, t, "query", query)
     if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key and value must have the same number of dims, got shapes {tuple(query.shape)}, "
+        raise InputError(f"query, key and value must have the same number of dims, got shapes {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
     if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"key and value must have the same sequence length, got {key.shape[-2]} and {value.shape[-2]}")
+        raise InputError(f"key and value must have the same sequence length, got {key.shape[-2]} and {value.shape[-2]}")
     if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key head dim {key.shape[-1]} must equal query head dim {query.shape[-1]}")
+        raise InputError(f"key head dim {key.shape[-1]} must equal query head dim {query.shape[-1]}")
+    attn_mask, is_causal, alignment = _sdpa_mask(attn_mask, is_causal, query.shape[-2], key.shape[-2])
     rank = query.dim()
     L, E = query.shape[-2:]
     S, Ev = key.shape[-2], value.shape[-1]
     if rank <= 3:
         # (N, L, E) / (L, E): no head dim; the mask broadcasts against (N, L, S) / (L, S)
-        batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        batch = _broadcast_batch(query, key, value, 2)
         Hq = Hkv = 1
         full_mask_shape = (*batch, L, S)
         query, key, value = query.unsqueeze(-3), key.unsqueeze(-3), value.unsqueeze(-3)
@@ -339,20 +440,20 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
             try:
                 attn_mask = attn_mask.expand(full_mask_shape).unsqueeze(-3)
             except RuntimeError:
-                raise ValueError(f"attn_mask must be broadcastable to {full_mask_shape}, got shape "
+                raise InputError(f"attn_mask must be broadcastable to {full_mask_shape}, got shape "
                                  f"{tuple(attn_mask.shape)}") from None
     else:
-        batch = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        batch = _broadcast_batch(query, key, value, 3)
         Hq, Hkv = query.shape[-3], key.shape[-3]
         if value.shape[-3] != Hkv:
-            raise ValueError(f"key and value must have the same number of heads, got {Hkv} and {value.shape[-3]}")
+            raise InputError(f"key and value must have the same number of heads, got {Hkv} and {value.shape[-3]}")
         if Hkv != Hq:
             if Hkv == 1:
                 pass  # broadcast over the query heads (runs as MQA)
             elif not enable_gqa:
-                raise ValueError(f"query has {Hq} heads and key {Hkv}; pass enable_gqa=True for GQA")
+                raise InputError(f"query has {Hq} heads and key {Hkv}; pass enable_gqa=True for GQA")
             elif Hq % Hkv != 0:
-                raise ValueError(f"enable_gqa=True needs the query heads ({Hq}) to be a multiple of the key heads ({Hkv})")
+                raise InputError(f"enable_gqa=True needs the query heads ({Hq}) to be a multiple of the key heads ({Hkv})")
     B = 1
     for b in batch:
         B *= b
@@ -368,7 +469,7 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
         try:
             attn_mask = attn_mask.expand(*batch, Hq, L, S)
         except RuntimeError:
-            raise ValueError(f"attn_mask must be broadcastable to {(*batch, Hq, L, S)}, got shape "
+            raise InputError(f"attn_mask must be broadcastable to {(*batch, Hq, L, S)}, got shape "
                              f"{tuple(attn_mask.shape)}") from None
         attn_mask = attn_mask.reshape(B, Hq, L, S)
     if B == 0 or L == 0 or S == 0 or Hq == 0:
@@ -379,6 +480,12 @@ def sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] 
         width = max(E, Ev)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1]))  # noqa: E731
         query, key, value = pad(query), pad(key), pad(value)
-    out = attention(query, key, value, causal=is_causal, causal_alignment="top_left", scale=sc, attn_mask=attn_mask,
+    out = attention(query, key, value, causal=is_causal, causal_alignment=alignment, scale=sc, attn_mask=attn_mask,
                     dropout_p=dropout_p)
     return out[..., :Ev].reshape(out_shape)
+
+
+# TorchScript types sdpa and the call into _sdpa_python from their annotations: give it real
+# types, not the strings that ``from __future__ import annotations`` leaves
+sdpa.__annotations__ = typing.get_type_hints(sdpa)
+_sdpa_python.__annotations__ = typing.get_type_hints(_sdpa_python)

@@ -74,3 +74,13 @@ def test_llama_trains_under_bf16_autocast():
     with torch.no_grad():
         full = model(ids).logits
     assert (full - logits.float()).abs().max() < 0.05  # bf16 rounding, not a different computation
+
+
+def test_sdpa_under_autocast_matches_torch():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8).to(BF16), torch.randn(2, 2, 12, 8)
+    with _autocast():
+        out = pyattn.sdpa(q, k, v, is_causal=True)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == ref.dtype == BF16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -92,7 +92,13 @@ def test_float_mask_with_minus_inf_and_causal():
     mask = torch.zeros(13, 13, device=DEVICE)
     mask[:, 3] = float("-inf")
     mask[5] = -1e4
-    _check(_rand(2, 2, 13, 16), _rand(2, 2, 13, 16), _rand(2, 2, 13, 16), attn_mask=mask, is_causal=True)
+    _check(_rand(2, 2, 13, 16), _rand(2, 2, 13, 16), _rand(2, 2, 13, 16), attn_mask=mask)
+    # SDPA's contract: an explicit mask and is_causal=True together are an error
+    causal = torch.full((13, 13), float("-inf"), device=DEVICE).triu(1)
+    _check(_rand(2, 2, 13, 16), _rand(2, 2, 13, 16), _rand(2, 2, 13, 16), attn_mask=mask + causal)
+    q = _rand(2, 2, 13, 16)
+    with pytest.raises(pyattn.InputError, match="is_causal"):
+        pyattn.sdpa(q, q, q, attn_mask=mask, is_causal=True)
 
 
 def test_fully_masked_rows_are_zero_like_sdpa():
