@@ -516,9 +516,11 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
           }
           const float sum = exp_sub_sum(row, bk, mnew);
           if (m[r] != mnew) {
-            const float alpha = std::exp(m[r] - mnew);  // 0 when m[r] == -inf
+            // alpha underflows to 0 when the new maximum is far above the old one (ALiBi, large
+            // biases): O must be rescaled then too. While m[r] == -inf nothing was accumulated.
+            const float alpha = std::exp(m[r] - mnew);
             l[r] *= alpha;
-            if (l[r] != 0.f || alpha != 0.f) scale_row(O + r * D, D, alpha);
+            if (m[r] != kNegInf) scale_row(O + r * D, D, alpha);
           }
           l[r] += sum;
           m[r] = mnew;
