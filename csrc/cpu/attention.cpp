@@ -116,6 +116,10 @@ inline void sgemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int6
   }
 }
 
+// max that propagates NaN (std::max drops a NaN second argument): a NaN score makes its row NaN
+inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// NaN-propagating row maximum (at::vec::maximum propagates NaN too)
 inline float row_max(const float* x, int64_t n) {
   int64_t c = 0;
   float m = kNegInf;
@@ -124,7 +128,7 @@ inline float row_max(const float* x, int64_t n) {
     for (; c + fVec::size() <= n; c += fVec::size()) vm = at::vec::maximum(vm, fVec::loadu(x + c));
     m = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (; c < n; ++c) m = std::max(m, x[c]);
+  for (; c < n; ++c) m = nan_max(m, x[c]);
   return m;
 }
 
@@ -389,8 +393,8 @@ inline void score_tile(const Params& p, const Seq& s, int64_t h, float* S, int64
       const float base = static_cast<float>(i + s.off - j0);
       for (int64_t c = 0; c < bk; ++c) row[c] -= slope * std::abs(base - static_cast<float>(c));
     }
-    if constexpr (PAD) {
-      for (int64_t c = 0; c < bk; ++c) row[c] += padadd[c];
+    if constexpr (PAD) {  // masks overwrite (a NaN score at a masked key stays masked)
+      for (int64_t c = 0; c < bk; ++c) row[c] = padadd[c] == 0.f ? row[c] : kNegInf;
     }
     if (band) {
       // visible local columns: c in [clo, chi]
@@ -509,7 +513,7 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
         for (int64_t r = 0; r < bq; ++r) {
           float* row = S + r * ldS;
           const float mx = row_max(row, bk);
-          const float mnew = std::max(m[r], mx);
+          const float mnew = nan_max(m[r], mx);
           if (mnew == kNegInf) {
             std::fill(row, row + bk, 0.f);
             continue;
@@ -556,7 +560,7 @@ void fwd_kernel(const Params& p, const std::vector<Seq>& seqs, const std::vector
       }
       for (int64_t r = 0; r < bq; ++r) {
         float* orow = op + r * D;
-        if (l[r] > 0.f) {
+        if (m[r] != kNegInf) {  // the row saw a key (NaN scores give NaN rows, like the math)
           const float inv = (DROP ? p.rp : 1.f) / l[r];
           const float* src = O + r * D;
           int64_t c = 0;

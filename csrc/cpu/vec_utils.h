@@ -15,6 +15,10 @@ namespace pyattn_cpu {
 
 using fVec = at::vec::Vectorized<float>;
 
+// max that propagates NaN (std::max drops a NaN second argument): a NaN score makes its
+// softmax row NaN, as in the materialised formula
+inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
 // dst[0:n] = float(src[0:n])
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
