@@ -73,7 +73,10 @@ def cpu_attention_tiles() -> str:
     parts = []
     for cls, c in info["choices"].items():
         how = (c.get("source") or "").split(" /")[0].split(" (")[0]
-        parts.append(f"{cls}: {c['path'] or 'default'} {c['block_q'] or ''}x{c['block_k'] or ''} ({how})")
+        if c["path"]:
+            parts.append(f"{cls}: {c['path']} {c['block_q'] or 'default'}x{c['block_k'] or 'default'} ({how})")
+        else:
+            parts.append(f"{cls}: built-in default ({c.get('source')})")
     return "; ".join(parts) or "none used"
 
 
