@@ -17,10 +17,11 @@ from .block_sparse import block_sparse_attention
 from . import layouts
 from .integrations.patching import patch, unpatch
 from . import nn
+from .ops.cpu_tuning import info as cpu_tuning
 
 from ._version import __version__
 
 __all__ = ["rms_norm", "glu", "glu_ffn", "attention", "varlen_attention", "sdpa", "block_sparse_attention", "BlockMask", "layouts", "lsh_attention", "decode_attention",
-           "PagedKVCache", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "BackendUnavailableError",
-           "InputError", "InputTypeError",
+           "PagedKVCache", "pad", "unpad", "patch", "unpatch", "nn", "backend_status", "cpu_tuning",
+           "BackendUnavailableError", "InputError", "InputTypeError",
            "__version__"]

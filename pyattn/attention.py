@@ -181,6 +181,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     Returns:
         out (B, H, Nq, D) in q's dtype (rows that see no key are 0), and lse if requested.
 
+    Special values: NaN and +-inf in q, k, v or bias propagate as in the materialised formula
+    below, on every backend: a NaN or inf in a query row makes that row NaN (inf - inf in the
+    softmax), a NaN key makes every row that sees it NaN, an inf in v gives inf in its channel,
+    a bias entry of NaN or +inf makes its row NaN and -inf hides the key. Rows that see no key
+    (causal or window band, key padding, boolean masks) are 0 whatever their query holds; a float
+    bias or float mask adds, so NaN + -inf is still NaN. A NaN in v at a key the row does not see
+    may reach the row (0 * NaN) when that key shares a tile with visible ones.
+
     Equivalent PyTorch (no mask)::
 
         out = torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v

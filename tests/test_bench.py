@@ -73,6 +73,7 @@ def test_cli_writes_report(monkeypatch, tmp_path, capsys):
     assert data["banner"] == [] and data["limits"]["copy_GBs"] > 0 and "float32" not in data["limits"]["gemm_TFLOPs"]
     env = data["environment"]
     assert env["torch"] == torch.__version__ and "isa_flags" in env and "blas" in env and "cpu_model" in env
+    assert isinstance(env["cpu_attention_tiles"], str)  # the cpu attention tile choices made in the process
     printed = capsys.readouterr().out
     assert "x vs eager" in printed and "pyattn bench summary" in printed
 

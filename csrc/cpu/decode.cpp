@@ -349,8 +349,8 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
         }
       }
       float bm = kNegInf;
-      for (int64_t jj = 0; jj < n; ++jj) bm = std::max(bm, s[jj]);
-      const float mnew = std::max(m[r], bm);
+      for (int64_t jj = 0; jj < n; ++jj) bm = nan_max(bm, s[jj]);
+      const float mnew = nan_max(m[r], bm);
       if (mnew == kNegInf) {  // nothing visible yet: P = 0
         for (int64_t jj = 0; jj < n; ++jj) s[jj] = 0.f;
         continue;
@@ -390,11 +390,12 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
     for (int64_t r = 0; r < R; ++r) {
       const int64_t h = hk * G + r / p.Nq, i = r % p.Nq;
       const int64_t row = (b * p.H + h) * p.Nq + i;
-      const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+      const bool seen = m[r] != kNegInf;  // rows that see no key are 0; NaN rows stay NaN
+      const float inv = seen ? 1.f / l[r] : 0.f;
       float* ar = acc + r * Dp;
       for (int64_t d = 0; d < Dp; d += kV) (fVec::loadu(ar + d) * fVec(inv)).store(ar + d);
       from_float(ar, out + row * D, D);
-      p.lse[row] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
+      p.lse[row] = seen ? m[r] + std::log(l[r]) : kNegInf;
     }
   } else {
     const int64_t item = (b * p.Hkv + hk) * p.splits + split;
@@ -420,7 +421,7 @@ void combine_splits(const Params& p) {
       const int64_t b = bh / p.Hkv, hk = bh % p.Hkv;
       const float* pml = p.part_ml + bh * p.splits * R * 2;
       float M = kNegInf;
-      for (int64_t s = 0; s < p.splits; ++s) M = std::max(M, pml[(s * R + r) * 2]);
+      for (int64_t s = 0; s < p.splits; ++s) M = nan_max(M, pml[(s * R + r) * 2]);
       std::fill(buf.begin(), buf.end(), 0.f);
       float denom = 0.f;
       if (M != kNegInf) {
@@ -434,12 +435,12 @@ void combine_splits(const Params& p) {
                                buf.data(), po, D);
         }
       }
-      const float inv = denom > 0.f ? 1.f / denom : 0.f;
+      const float inv = M != kNegInf ? 1.f / denom : 0.f;
       at::vec::map<float>([inv](fVec x) { return x * fVec(inv); }, buf.data(), buf.data(), D);
       const int64_t h = hk * G + r / p.Nq, i = r % p.Nq;
       const int64_t row = (b * p.H + h) * p.Nq + i;
       from_float(buf.data(), static_cast<T*>(p.out) + row * D, D);
-      p.lse[row] = denom > 0.f ? M + std::log(denom) : kNegInf;
+      p.lse[row] = M != kNegInf ? M + std::log(denom) : kNegInf;
     }
   });
 }

@@ -10,7 +10,7 @@
 //  * A chunk is one task: its L query rows and W = (1+before+after)*L key rows are gathered into
 //    fp32 scratch (converting fp16/bf16 once per row), scores / probabilities live in an L x W
 //    scratch tile of the task, never in a tensor. Tile products go through the BLAS sgemm that
-//    libtorch_cpu links (MKL / OpenBLAS); masks and the softmax are vectorised with at::vec.
+//    libtorch_cpu links (MKL / OpenBLAS; cpu/blas.h); masks and the softmax are vectorised with at::vec.
 //  * Scores of masked keys are Hugging Face's finite constants (mask / self-mask values), so no row
 //    is empty; their gradient is zero.
 //  * Forward: tasks (batch*head, chunk), each writes rows it alone owns (the unsort is a permutation).
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu/alloc.h"
+#include "cpu/blas.h"
 #include "cpu/vec_utils.h"
 
 namespace pyattn_cpu_lsh {
@@ -40,38 +41,14 @@ namespace pyattn_cpu_lsh {
 using pyattn_cpu::fVec;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Column-major BLAS sgemm from libtorch_cpu (weak: a torch without it still loads and uses the loop).
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
-
-// C (m x n, col-major, ldc) = op(A) op(B), beta = 0. Leading dims here are tile widths (small ints).
+// C (m x n, col-major, ldc) = op(A) op(B) through the shared BLAS shim (cpu/blas.h).
 inline void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                   int64_t ldb, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (sgemm_ != nullptr && k > 0) {
-    const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-    const int im = int(m), in = int(n), ik = int(k), ilda = int(lda), ildb = int(ldb), ildc = int(ldc);
-    const float one = 1.f, zero = 0.f;
-    sgemm_(&cta, &ctb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &zero, c, &ildc);
-    return;
-  }
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < m; ++i) {
-      float s = 0.f;
-      for (int64_t l = 0; l < k; ++l) s += (ta ? a[i * lda + l] : a[l * lda + i]) * (tb ? b[l * ldb + j] : b[j * ldb + l]);
-      c[j * ldc + i] = s;
-    }
+  pyattn_cpu::sgemm(ta, tb, m, n, k, 1.f, a, lda, b, ldb, 0.f, c, ldc);
 }
 
-inline uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
+using pyattn_cpu::hash32;
+using pyattn_cpu::row_sum;
 
 // dst[0:n] += src[0:n]
 inline void add_row(float* dst, const float* src, int64_t n) {
@@ -86,15 +63,6 @@ inline void exp_scale(float* x, int64_t n, float m, float scale) {
   int64_t c = 0;
   for (; c + fVec::size() <= n; c += fVec::size()) ((fVec::loadu(x + c) - vm).exp() * vs).store(x + c);
   for (; c < n; ++c) x[c] = std::exp(x[c] - m) * scale;
-}
-
-inline float row_sum(const float* x, int64_t n) {
-  fVec acc(0.f);
-  int64_t c = 0;
-  for (; c + fVec::size() <= n; c += fVec::size()) acc = acc + fVec::loadu(x + c);
-  float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
-  for (; c < n; ++c) s += x[c];
-  return s;
 }
 
 struct Params {

@@ -131,6 +131,9 @@ def main(argv=None) -> int:
                      peers=peers, progress=not args.no_progress)
     run = Run(rows, env, limits, scope=scope, wall_s=time.perf_counter() - t_start)
     run.environment["planned_s"] = round(planned)
+    if device.type == "cpu":
+        from .environment import cpu_attention_tiles
+        run.environment["cpu_attention_tiles"] = cpu_attention_tiles()  # chosen during the run
     print(console_report(run))
     out = Path(args.out) if args.out else Path("bench_results") / (
         _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{device.type}-{scope}")

@@ -61,6 +61,25 @@ def blas_info() -> str:
     return "; ".join(parts) or "unknown"
 
 
+def cpu_attention_tiles() -> str:
+    """The cpu attention tile paths chosen in this process (measured at first use; pyattn.cpu_tuning())."""
+    try:
+        import pyattn
+        info = pyattn.cpu_tuning()
+    except Exception as exc:  # extension missing: say so instead of failing the report
+        return f"unavailable ({type(exc).__name__})"
+    if "unavailable" in info:
+        return "unavailable"
+    parts = []
+    for cls, c in info["choices"].items():
+        how = (c.get("source") or "").split(" /")[0].split(" (")[0]
+        if c["path"]:
+            parts.append(f"{cls}: {c['path']} {c['block_q'] or 'default'}x{c['block_k'] or 'default'} ({how})")
+        else:
+            parts.append(f"{cls}: built-in default ({c.get('source')})")
+    return "; ".join(parts) or "none used"
+
+
 def device_summary(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

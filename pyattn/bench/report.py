@@ -96,7 +96,7 @@ def markdown_table(table: List[List[str]]) -> str:
 
 def environment_lines(run: Run) -> List[str]:
     env = run.environment
-    keys = ("date", "device", "blas", "torch", "triton", "transformers", "pyattn", "python", "threads",
+    keys = ("date", "device", "blas", "cpu_attention_tiles", "torch", "triton", "transformers", "pyattn", "python", "threads",
             "load_average")
     lines = []
     for k in keys:

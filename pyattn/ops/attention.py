@@ -43,6 +43,8 @@ def _seed_int(seed: Optional[Tensor]) -> int:
 def _backend_forward(backend, q, k, v, bias, alibi, kpm, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, p, seed):
     thr = dropout_threshold(p)
     if backend == "cpu":
+        from . import cpu_tuning
+        cpu_tuning.ensure(q.dtype, q.shape[-1])  # tile path + blocks: measured once per (dtype, head-dim class)
         return torch.ops.pyattn_cpu.attention_fwd(q, k, v, bias, alibi, kpm, cu_q, cu_k, max_q, max_k, scale, wl, wr,
                                                   br, p, thr, seed)
     if backend == "cuda":

@@ -1,0 +1,33 @@
+"""CPU backend specifics: long-sequence regressions on every tile path."""
+import pytest
+import torch
+
+from helpers import skip_unless_backend
+from attention_cases import check_attention, make_inputs
+
+
+def alibi_slopes(h: int) -> torch.Tensor:
+    """The standard ALiBi slopes 2^(-8 i / h), i = 1..h."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)])
+
+
+@pytest.mark.parametrize("tiles", ["sgemm", "brgemm"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_alibi_long_sequence(monkeypatch, tiles, causal, dtype):
+    # With slope 1/2 the scores of the first key tile lie hundreds below those of the diagonal, so
+    # the online-softmax rescale factor of the accumulated output underflows to exactly 0; the
+    # output accumulated so far must still be dropped (it once was kept: errors of ~5 at N = 1024).
+    skip_unless_backend("cpu")
+    monkeypatch.setenv("PYATTN_CPU_ATTN_BRGEMM", "0" if tiles == "sgemm" else "1")
+    q, k, v = make_inputs(B=1, H=8, Nq=1024, D=64, dtype=dtype)
+    check_attention("cpu", q, k, v, alibi_slopes=alibi_slopes(8), causal=causal, grad=dtype == torch.float32)
+
+
+def test_large_bias_gap_between_key_tiles():
+    # the same underflow from an additive bias: keys [0, 600) sit 300 below the rest
+    skip_unless_backend("cpu")
+    q, k, v = make_inputs(B=1, H=2, Nq=700, Nk=1100, D=32)
+    bias = torch.zeros(1100)
+    bias[:600] = -300.0
+    check_attention("cpu", q, k, v, bias=bias.expand(700, 1100), grad=False)
