@@ -110,12 +110,12 @@ def test_rows_without_keys_are_zero_even_for_nan_queries(backend, dtype):
     check(pyattn.attention(q, k, v, causal=True, backend=backend), "0000ffffffff")
     q, k, v = inputs(dtype=dtype)
     q[0, 0, 3] = NAN
-    kpm = torch.ones(2, 8, dtype=torch.bool, device=DEVICE)
-    kpm[0] = False  # batch 0 sees no key
+    kpm = torch.zeros(2, 8, dtype=torch.bool, device=DEVICE)  # True = padding (PyTorch's meaning)
+    kpm[0] = True  # batch 0 sees no key
     out = pyattn.attention(q, k, v, key_padding_mask=kpm, backend=backend)
     assert (out[0] == 0).all() and torch.isfinite(out[1]).all()
-    kpm[0] = True
-    kpm[0, 5] = False  # a NaN at a padded key is never seen
+    kpm[0] = False
+    kpm[0, 5] = True  # a NaN at a padded key is never seen
     k[0, :, 5] = NAN
     q[0, 0, 3] = 0.5
     out = pyattn.attention(q, k, v, key_padding_mask=kpm, backend=backend)
