@@ -244,6 +244,8 @@ def glu_matmul(x: torch.Tensor, w_gate_up: torch.Tensor, bias, act: int):
     I = w_gate_up.shape[0] // 2
     x = _unit_cols(x)
     w_gate_up = _unit_cols(w_gate_up)
+    if bias is not None:
+        bias = bias.contiguous()  # read with unit stride (an expanded or sliced bias is copied)
     pre = torch.empty((T, 2 * I), dtype=x.dtype, device=x.device)
     h = torch.empty((T, I), dtype=x.dtype, device=x.device)
     if T == 0:
