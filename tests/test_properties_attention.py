@@ -21,7 +21,7 @@ def _floors(dtype):
     return dict(fwd_floor=1e-5 if dtype == torch.float32 else 1e-3, bwd_floor=1e-4 if dtype == torch.float32 else 1e-2)
 
 
-@property_settings(max_examples=12)
+@property_settings(max_examples=10)
 @given(data=st.data(), B=st.integers(0, 2), Hkv=st.integers(1, 2), groups=st.integers(1, 2), Nq=SEQ, Nk=SEQ,
        D=DIMS, dtype=DTYPES, causal=st.booleans(), alignment=st.sampled_from(["bottom_right", "top_left"]),
        window=WINDOW, extra=st.sampled_from(["none", "padding", "bias", "bool_mask", "alibi", "dropout"]),
@@ -55,7 +55,7 @@ def test_attention(data, B, Hkv, groups, Nq, Nk, D, dtype, causal, alignment, wi
     check_backends("attention", fn, tensors, dtype, **_floors(dtype))
 
 
-@property_settings(max_examples=8)
+@property_settings(max_examples=5)
 @given(data=st.data(), lens=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=3),
        Hkv=st.integers(1, 2), groups=st.integers(1, 2), D=st.sampled_from([8, 16]), dtype=DTYPES,
        causal=st.booleans(), window=WINDOW, alibi=st.booleans())
@@ -76,7 +76,7 @@ def test_varlen_attention(data, lens, Hkv, groups, D, dtype, causal, window, ali
     check_backends("attention", fn, [q, k, v], dtype, **_floors(dtype))
 
 
-@property_settings(max_examples=8)
+@property_settings(max_examples=5)
 @given(data=st.data(), B=st.integers(1, 2), H=st.integers(1, 2), N=st.sampled_from([16, 40, 64]),
        block=st.sampled_from([16, 32]), D=st.sampled_from([8, 16]), dtype=DTYPES, causal=st.booleans(),
        per_head=st.booleans(), padding=st.booleans())
