@@ -63,3 +63,20 @@ def test_glu_row_offsets_past_int32():
     ref.backward(dout)
     for mine, theirs in zip(leaves, ref_leaves):
         torch.testing.assert_close(mine.grad, theirs.grad, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.slow
+def test_rms_norm_cpu_over_2_31_elements_bf16():
+    # about 8.6 GB: x and y of 2^31 + 4096 bf16 elements each
+    if pyattn.backend_status("rms_norm")["cpu"] is not None:
+        pytest.skip("cpu backend unavailable")
+    N = 4096
+    M = 2**31 // N + 1
+    x = torch.empty(M, N, dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    x.normal_()
+    w = torch.randn(N, dtype=torch.bfloat16)
+    y = pyattn.rms_norm(x, w, backend="cpu")
+    for r in (0, 1, M // 2, M - 2, M - 1):
+        ref = pyattn.rms_norm(x[r:r + 1], w, backend="reference")
+        torch.testing.assert_close(y[r:r + 1], ref, atol=1e-2, rtol=1e-2)
