@@ -9,10 +9,11 @@ low dtype, 3x for gradients), forward and backward.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from torch import Tensor
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -47,7 +48,6 @@ class Arg:
     dim: int = 0
     perm: tuple = ()
     grad: bool = True
-    leaves: list = field(default_factory=list)
 
     def build(self, dtype: torch.dtype, strided: bool):
         v = self.values.to(dtype)
@@ -160,5 +160,3 @@ def check_backends(family: str, fn: Callable, tensor_args: Sequence[Arg], dtype:
             assert l.grad.shape == l.shape, f"{backend}: gradient {i} shape {tuple(l.grad.shape)} != {tuple(l.shape)}"
             assert_tolerance(f"{backend} grad {i}", l.grad, llo.grad, l64.grad, factor=3.0, floor=bwd_floor)
 
-
-Tensor = torch.Tensor
