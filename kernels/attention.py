@@ -86,7 +86,7 @@ def _scores(q, k_ptrs, offs_m, offs_n, d_ok, Nq, Nk, off, qk_scale,
     s = _dot(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32)) * qk_scale
     valid = (offs_m[:, None] < Nq) & n_ok[None, :]
     if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_m[:, None] * stride_bias_m + offs_n[None, :] * stride_bias_n,
+        b = tl.load(bias_ptr + offs_m[:, None].to(tl.int64) * stride_bias_m + offs_n[None, :].to(tl.int64) * stride_bias_n,
                     mask=valid, other=0.0).to(tl.float32)
         s += b * _LOG2E_C
     if HAS_ALIBI:
@@ -100,7 +100,7 @@ def _scores(q, k_ptrs, offs_m, offs_n, d_ok, Nq, Nk, off, qk_scale,
         kp = tl.load(kpm_ptr + offs_n * stride_kpm_n, mask=n_ok, other=0)
         valid = valid & (kp != 0)[None, :]
     if HAS_BITS:
-        byte = tl.load(bits_ptr + offs_m[:, None] * stride_bits_m + (offs_n[None, :] >> 3),
+        byte = tl.load(bits_ptr + offs_m[:, None].to(tl.int64) * stride_bits_m + (offs_n[None, :] >> 3),
                        mask=valid & partial, other=0)
         bit = ((byte.to(tl.int32) >> (offs_n[None, :] & 7)) & 1) != 0
         valid = valid & (bit | (partial == 0))
@@ -184,7 +184,7 @@ def _attention_fwd_kernel(
         d_ok = offs_d < D
     m_ok = offs_m < Nq
 
-    q_ptrs = Q + b_t * stride_qb + pid_h * stride_qh + q_start * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q_ptrs = Q + b_t * stride_qb + pid_h * stride_qh + q_start * stride_qm + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b_t * stride_kb + kvh * stride_kh + k_start * stride_kn + offs_d[None, :]
     v_base = V + b_t * stride_vb + kvh * stride_vh + k_start * stride_vn + offs_d[None, :]
@@ -227,7 +227,7 @@ def _attention_fwd_kernel(
             start_n = lo + it * BLOCK_N
             partial = it < 0
         offs_n = start_n + offs_n0
-        s, k = _scores(q, k_base + offs_n[:, None] * stride_kn, offs_m, offs_n, d_ok, Nq, Nk, off,
+        s, k = _scores(q, k_base + offs_n[:, None].to(tl.int64) * stride_kn, offs_m, offs_n, d_ok, Nq, Nk, off,
                        qk_scale, bias_ptr, stride_biasm, stride_biasn, slope2, kpm_ptr, stride_kpn,
                        window_left, window_right, bits_ptr, stride_bitsm, partial,
                        HAS_BIAS, HAS_ALIBI, HAS_PADDING, HAS_WINDOW, HAS_BITS)
@@ -240,7 +240,7 @@ def _attention_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(row_hash, offs_n, dropout_threshold)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=(offs_n < Nk)[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn, mask=(offs_n < Nk)[:, None] & d_ok[None, :], other=0.0)
         acc = _dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
@@ -248,7 +248,7 @@ def _attention_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / _LOG2E_C)
-    o_ptrs = Out + b_t * stride_ob + pid_h * stride_oh + q_start * stride_om + offs_m[:, None] * stride_om + offs_d[None, :]
+    o_ptrs = Out + b_t * stride_ob + pid_h * stride_oh + q_start * stride_om + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     tl.store(o_ptrs, _to_dtype(acc, Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(Lse + b_t * stride_lb + pid_h * stride_lh + q_start + offs_m, lse, mask=m_ok)
 
@@ -272,9 +272,9 @@ def _attention_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     msk = (offs_m < Nq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(Out + pid_b * stride_ob + pid_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    o = tl.load(Out + pid_b * stride_ob + pid_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :],
                 mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + pid_b * stride_dob + pid_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+    do = tl.load(DO + pid_b * stride_dob + pid_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
                  mask=msk, other=0.0).to(tl.float32)
     tl.store(Delta + pid_b * stride_lb + pid_h * stride_lh + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
 
@@ -319,8 +319,8 @@ def _attention_bwd_dkdv_kernel(
         d_ok = offs_d < D
     n_ok = offs_n < Nk
     nd_mask = n_ok[:, None] & d_ok[None, :]
-    k_ptrs = K + b_t * stride_kb + pid_kvh * stride_kh + k_start * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v = tl.load(V + b_t * stride_vb + pid_kvh * stride_vh + k_start * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+    k_ptrs = K + b_t * stride_kb + pid_kvh * stride_kh + k_start * stride_kn + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+    v = tl.load(V + b_t * stride_vb + pid_kvh * stride_vh + k_start * stride_vn + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
                 mask=nd_mask, other=0.0)
     kpm_ptr = Kpm + b_t * stride_kpb
     qk_scale = scale * _LOG2E_C
@@ -365,7 +365,7 @@ def _attention_bwd_dkdv_kernel(
             offs_m = start_m + offs_m0
             m_ok = offs_m < Nq
             md_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=md_mask, other=0.0)
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm, mask=md_mask, other=0.0)
             s, k = _scores(q, k_ptrs, offs_m, offs_n, d_ok, Nq, Nk, off,
                            qk_scale, bias_ptr, stride_biasm, stride_biasn, slope2, kpm_ptr, stride_kpn,
                            window_left, window_right, bits_ptr, stride_bitsm, partial,
@@ -373,7 +373,7 @@ def _attention_bwd_dkdv_kernel(
             lse = tl.load(l_base + offs_m, mask=m_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
             p = tl.math.exp2(s - lse2[:, None])
-            do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=md_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom, mask=md_mask, other=0.0)
             delta = tl.load(dl_base + offs_m, mask=m_ok, other=0.0)
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
             if HAS_DROPOUT:
@@ -387,9 +387,9 @@ def _attention_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk = _dot(tl.trans(ds.to(q.dtype)), q, dk)
     dk = dk * scale
-    tl.store(DK + b_t * stride_dkb + pid_kvh * stride_dkh + k_start * stride_dkn + offs_n[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(DK + b_t * stride_dkb + pid_kvh * stride_dkh + k_start * stride_dkn + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
              _to_dtype(dk, DK.dtype.element_ty), mask=nd_mask)
-    tl.store(DV + b_t * stride_dvb + pid_kvh * stride_dvh + k_start * stride_dvn + offs_n[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(DV + b_t * stride_dvb + pid_kvh * stride_dvh + k_start * stride_dvn + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :],
              _to_dtype(dv, DV.dtype.element_ty), mask=nd_mask)
 
 
@@ -434,9 +434,9 @@ def _attention_bwd_dq_kernel(
         d_ok = offs_d < D
     m_ok = offs_m < Nq
     md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b_t * stride_qb + pid_h * stride_qh + q_start * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q = tl.load(Q + b_t * stride_qb + pid_h * stride_qh + q_start * stride_qm + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=md_mask, other=0.0)
-    do = tl.load(DO + b_t * stride_dob + pid_h * stride_doh + q_start * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
+    do = tl.load(DO + b_t * stride_dob + pid_h * stride_doh + q_start * stride_dom + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
                  mask=md_mask, other=0.0)
     lse = tl.load(Lse + b_t * stride_lb + pid_h * stride_lh + q_start + offs_m, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
@@ -479,23 +479,23 @@ def _attention_bwd_dq_kernel(
             start_n = lo + it * BLOCK_N
             partial = it < 0
         offs_n = start_n + offs_n0
-        s, k = _scores(q, k_base + offs_n[:, None] * stride_kn, offs_m, offs_n, d_ok, Nq, Nk, off,
+        s, k = _scores(q, k_base + offs_n[:, None].to(tl.int64) * stride_kn, offs_m, offs_n, d_ok, Nq, Nk, off,
                        qk_scale, bias_ptr, stride_biasm, stride_biasn, slope2, kpm_ptr, stride_kpn,
                        window_left, window_right, bits_ptr, stride_bitsm, partial,
                        HAS_BIAS, HAS_ALIBI, HAS_PADDING, HAS_WINDOW, HAS_BITS)
         p = tl.math.exp2(s - lse2[:, None])
-        v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=(offs_n < Nk)[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn, mask=(offs_n < Nk)[:, None] & d_ok[None, :], other=0.0)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
         if HAS_DROPOUT:
             keep = _dropout_keep(row_hash, offs_n, dropout_threshold)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_DBIAS:
-            tl.store(dbias_ptr + offs_m[:, None] * stride_dbm + offs_n[None, :], ds,
+            tl.store(dbias_ptr + offs_m[:, None].to(tl.int64) * stride_dbm + offs_n[None, :], ds,
                      mask=m_ok[:, None] & (offs_n < Nk)[None, :])
         dq = _dot(ds.to(k.dtype), k, dq)
     dq = dq * scale
-    tl.store(DQ + b_t * stride_dqb + pid_h * stride_dqh + q_start * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :],
+    tl.store(DQ + b_t * stride_dqb + pid_h * stride_dqh + q_start * stride_dqm + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
              _to_dtype(dq, DQ.dtype.element_ty), mask=md_mask)
 
 

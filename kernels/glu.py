@@ -78,10 +78,10 @@ def _glu_fwd_kernel(G, U, O, stride_g, stride_u, stride_o, T, I,
     rows = tl.arange(0, BLOCK_T)
     cols = c0 + tl.arange(0, BLOCK_I)
     mask = (r0 + rows < T)[:, None] & (cols < I)[None, :]
-    g = tl.load(G + r0 * stride_g + (rows[:, None] * stride_g + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + r0 * stride_u + (rows[:, None] * stride_u + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + r0 * stride_g + (rows[:, None].to(tl.int64) * stride_g + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + r0 * stride_u + (rows[:, None].to(tl.int64) * stride_u + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
     h = _act(g, ACT) * u
-    tl.store(O + r0 * stride_o + (rows[:, None] * stride_o + cols[None, :]), to_dtype(h, O.dtype.element_ty),
+    tl.store(O + r0 * stride_o + (rows[:, None].to(tl.int64) * stride_o + cols[None, :]), to_dtype(h, O.dtype.element_ty),
              mask=mask)
 
 
@@ -93,17 +93,17 @@ def _glu_bwd_kernel(DO, G, U, DG, DU, H, stride_do, stride_g, stride_u, stride_d
     rows = tl.arange(0, BLOCK_T)
     cols = c0 + tl.arange(0, BLOCK_I)
     mask = (r0 + rows < T)[:, None] & (cols < I)[None, :]
-    do = tl.load(DO + r0 * stride_do + (rows[:, None] * stride_do + cols[None, :]), mask=mask,
+    do = tl.load(DO + r0 * stride_do + (rows[:, None].to(tl.int64) * stride_do + cols[None, :]), mask=mask,
                  other=0.0).to(tl.float32)
-    g = tl.load(G + r0 * stride_g + (rows[:, None] * stride_g + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + r0 * stride_u + (rows[:, None] * stride_u + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + r0 * stride_g + (rows[:, None].to(tl.int64) * stride_g + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + r0 * stride_u + (rows[:, None].to(tl.int64) * stride_u + cols[None, :]), mask=mask, other=0.0).to(tl.float32)
     a, d = _act_grad(g, ACT)
-    tl.store(DG + r0 * stride_dg + (rows[:, None] * stride_dg + cols[None, :]), to_dtype(do * u * d, DG.dtype.element_ty),
+    tl.store(DG + r0 * stride_dg + (rows[:, None].to(tl.int64) * stride_dg + cols[None, :]), to_dtype(do * u * d, DG.dtype.element_ty),
              mask=mask)
-    tl.store(DU + r0 * stride_du + (rows[:, None] * stride_du + cols[None, :]), to_dtype(do * a, DU.dtype.element_ty),
+    tl.store(DU + r0 * stride_du + (rows[:, None].to(tl.int64) * stride_du + cols[None, :]), to_dtype(do * a, DU.dtype.element_ty),
              mask=mask)
     if STORE_H:  # H may be DO: each element is read above before it is overwritten here
-        tl.store(H + r0 * stride_h + (rows[:, None] * stride_h + cols[None, :]), to_dtype(a * u, H.dtype.element_ty),
+        tl.store(H + r0 * stride_h + (rows[:, None].to(tl.int64) * stride_h + cols[None, :]), to_dtype(a * u, H.dtype.element_ty),
                  mask=mask)
 
 
@@ -131,9 +131,9 @@ def _glu_matmul_kernel(X, W, B, PRE, H, T, I, K, stride_xm, stride_wn, stride_pm
     # rows / columns past the end re-read the last one (in bounds, no load masks; results unused)
     lm = tl.minimum(pid_m * BLOCK_M + offs_m, T - 1) - pid_m * BLOCK_M
     ln = tl.minimum(pid_n * BLOCK_N + offs_n, I - 1) - pid_n * BLOCK_N
-    x_ptrs = X + m0 * stride_xm + (lm[:, None] * stride_xm + rk[None, :])
-    wg_ptrs = W + n0 * stride_wn + (ln[None, :] * stride_wn + rk[:, None])
-    wu_ptrs = W + (n0 + I) * stride_wn + (ln[None, :] * stride_wn + rk[:, None])
+    x_ptrs = X + m0 * stride_xm + (lm[:, None].to(tl.int64) * stride_xm + rk[None, :])
+    wg_ptrs = W + n0 * stride_wn + (ln[None, :].to(tl.int64) * stride_wn + rk[:, None])
+    wu_ptrs = W + (n0 + I) * stride_wn + (ln[None, :].to(tl.int64) * stride_wn + rk[:, None])
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
@@ -244,6 +244,8 @@ def glu_matmul(x: torch.Tensor, w_gate_up: torch.Tensor, bias, act: int):
     I = w_gate_up.shape[0] // 2
     x = _unit_cols(x)
     w_gate_up = _unit_cols(w_gate_up)
+    if bias is not None:
+        bias = bias.contiguous()  # read with unit stride (an expanded or sliced bias is copied)
     pre = torch.empty((T, 2 * I), dtype=x.dtype, device=x.device)
     h = torch.empty((T, I), dtype=x.dtype, device=x.device)
     if T == 0:

@@ -62,11 +62,19 @@ def cpu_cflags(tier: str) -> list:
     tier that torch itself detected, so a cache directory shared between machines never holds code
     for the wrong CPU.
     """
-    return ["-O3", "-DNDEBUG"] + openmp_flags() + _TIER_FLAGS.get(tier, ["-DCPU_CAPABILITY=DEFAULT"])
+    return ["-O3", "-DNDEBUG"] + openmp_flags() + _TIER_FLAGS.get(tier, ["-DCPU_CAPABILITY=DEFAULT"]) \
+        + extra_flags("PYATTN_EXTRA_CFLAGS")
+
+
+def extra_flags(var: str) -> list:
+    """Extra compiler / linker flags from the environment (``PYATTN_EXTRA_CFLAGS``,
+    ``PYATTN_EXTRA_LDFLAGS``: whitespace-separated, e.g. ``-fsanitize=address,undefined`` for
+    scripts/sanitize.sh). They are part of the build digest, so such a build has its own cache entry."""
+    return os.environ.get(var, "").split()
 
 
 def cpu_ldflags() -> list:
-    return openmp_flags()
+    return openmp_flags() + extra_flags("PYATTN_EXTRA_LDFLAGS")
 
 
 def build_root() -> Path:
@@ -143,7 +151,7 @@ def _load_cpu(family: str) -> Optional[str]:
 
         tier = cpu_tier()
         cflags = cpu_cflags(tier)
-        name = f"pyattn_cpu_{family}_{tier.lower()}_{_digest([src, *headers], cflags)}"
+        name = f"pyattn_cpu_{family}_{tier.lower()}_{_digest([src, *headers], cflags + extra_flags('PYATTN_EXTRA_LDFLAGS'))}"
         build_dir = build_root() / name
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):

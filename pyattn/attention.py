@@ -87,11 +87,26 @@ def _check_scale(scale, D: int) -> float:
     return float(scale)
 
 
-def _dropout_seed(dropout_p: float, generator: Optional[torch.Generator]) -> Optional[Tensor]:
+def _check_generator(generator, q: Tensor) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    gdev = torch.device(generator.device)
+    if gdev.type != q.device.type or (gdev.index is not None and q.device.index is not None
+                                      and gdev.index != q.device.index):
+        raise ValueError(f"generator is on {gdev} but q is on {q.device}; pass a generator of q's device "
+                         f"(torch.Generator(device=q.device))")
+
+
+def _dropout_seed(dropout_p: float, generator: Optional[torch.Generator], q: Tensor) -> Optional[Tensor]:
+    """The dropout seed: an int64 scalar replayed in the backward. Drawn from ``generator`` on its own
+    device (it must be q's), else from torch's default CPU generator (seeded by torch.manual_seed)."""
+    _check_generator(generator, q)
     if dropout_p == 0.0:
         return None
-    # A CPU int64 scalar drawn from torch's RNG: seeded by torch.manual_seed, replayed in backward.
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, generator=generator)
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, generator=generator, device=device)
 
 
 def _broadcast_bias(name: str, t: Tensor, B: int, H: int, Nq: int, Nk: int, q: Tensor) -> Tensor:
@@ -176,6 +191,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         dropout_p: dropout on the attention probabilities (training); the mask is a counter-based
             hash of a seed drawn from torch's RNG, replayed exactly in the backward.
         return_lse: also return the fp32 log-sum-exp (B, H, Nq) (-inf for rows that see no key).
+        generator: optional ``torch.Generator`` on q's device (another device: ValueError) from which
+            the dropout seed is drawn; None: torch's default CPU generator (``torch.manual_seed``).
+            Unused without dropout.
         backend: "triton", "cuda", "cpu", "reference" or None (fastest that fits; env PYATTN_BACKEND).
 
     Returns:
@@ -235,17 +253,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         from .block_sparse import run_schedule
         layout = BlockMask.from_bool_mask(bool_mask, block_size=64, always_bits=True)
         out, lse = run_schedule(q, k, v, layout, keep, sc, wl, wr, causal_alignment == "bottom_right", p,
-                                _dropout_seed(p, generator), name)
+                                _dropout_seed(p, generator, q), name)
         return (out, lse) if return_lse else out
     if bool_mask is not None:
         full_bias = _mask_to_bias(attn_mask, B, H, Nq, Nk, q)
     out, lse = attention_forward(_unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v),
                                  full_bias, slopes, keep, None, None, Nq, Nk, sc, wl, wr,
-                                 causal_alignment == "bottom_right", p, _dropout_seed(p, generator), name)
+                                 causal_alignment == "bottom_right", p, _dropout_seed(p, generator, q), name)
     return (out, lse) if return_lse else out
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, total: int, q: Tensor) -> None:
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, q: Tensor) -> int:
+    """Checks the cumulative lengths (one host copy of the S + 1 ints); returns the longest length."""
     check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
     check_same_device(name, cu, "q", q)
     if cu.numel() < 2:
@@ -257,6 +276,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, q: Tensor) -> None:
         raise InputError(f"{name} must be non-decreasing, got {c.tolist()[:16]}")
     if int(c[-1]) != total:
         raise InputError(f"{name}[-1] must equal the number of packed tokens {total}, got {int(c[-1])}")
+    return int((c[1:] - c[:-1]).max())
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -271,9 +291,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         q: (total_q, H, D); k, v: (total_k, Hkv, D) — sequences concatenated along dim 0.
         cu_seqlens_q, cu_seqlens_k: int32 (S + 1,) cumulative lengths starting at 0: sequence s
             owns rows cu[s]:cu[s+1]. ``pyattn.unpad`` builds them from a padding mask.
-        max_seqlen_q, max_seqlen_k: the longest sequence lengths (host ints).
-        causal, window, scale, dropout_p, alibi_slopes ((H,) or (S, H)): as in :func:`attention`,
-            applied within each sequence (causal is bottom-right aligned per sequence).
+        max_seqlen_q, max_seqlen_k: host ints, at least the longest sequence length in
+            cu_seqlens_q / cu_seqlens_k (smaller: ValueError; the GPU kernels size their grids from them).
+        causal, window, scale, dropout_p, alibi_slopes ((H,) or (S, H)), generator: as in
+            :func:`attention`, applied within each sequence (causal is bottom-right aligned per sequence).
 
     Returns:
         out (total_q, H, D), and lse (H, total_q) if requested.
@@ -283,14 +304,19 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     _check_qkv(q, k, v, packed=True)
     total_q, H, D = q.shape
     total_k = k.shape[0]
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, q)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, q)
+    longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, q)
+    longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, q)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise InputError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
                          f"got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-            raise InputError(f"{name} must be a non-negative int, got {val!r}")
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise InputTypeError(f"{name} must be an int, got {type(val).__name__}")
+    # the GPU kernels size their grids from these: a value below the longest sequence would skip rows
+    for name, val, longest, cu_name in (("max_seqlen_q", max_seqlen_q, longest_q, "cu_seqlens_q"),
+                                        ("max_seqlen_k", max_seqlen_k, longest_k, "cu_seqlens_k")):
+        if val < longest:
+            raise InputError(f"{name} must be >= the longest sequence in {cu_name} ({longest}), got {val}")
     S = cu_seqlens_q.numel() - 1
     wl, wr = _check_window(window)
     if causal:
@@ -303,7 +329,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     k4 = _unit_last_stride(k).transpose(0, 1).unsqueeze(0)
     v4 = _unit_last_stride(v).transpose(0, 1).unsqueeze(0)
     out, lse = attention_forward(q4, k4, v4, None, slopes, None, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                 int(max_seqlen_k), sc, wl, wr, True, p, _dropout_seed(p, generator), name)
+                                 int(max_seqlen_k), sc, wl, wr, True, p, _dropout_seed(p, generator, q), name)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 

@@ -88,7 +88,7 @@ def unpack_bits(bits: Tensor, nk: int) -> Tensor:
     """Inverse of :func:`pack_bits`: bool (..., nk)."""
     shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
     m = (bits.unsqueeze(-1) >> shifts) & 1
-    return m.reshape(*bits.shape[:-1], -1)[..., :nk].bool()
+    return m.flatten(-2)[..., :nk].bool()  # flatten, not reshape(-1): also for 0 rows
 
 
 @dataclass(frozen=True, eq=False)

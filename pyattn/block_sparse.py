@@ -93,5 +93,5 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockMask, *
     sc = _check_scale(scale, D)
     name = _dispatch.select_backend("block_sparse_attention", "attention", q.device, backend, (q.dtype, D, True))
     out, lse = run_schedule(q, k, v, layout, keep, sc, -1, 0 if causal else -1, True, p,
-                            _dropout_seed(p, generator), name)
+                            _dropout_seed(p, generator, q), name)
     return (out, lse) if return_lse else out

@@ -40,8 +40,15 @@ def _seed_int(seed: Optional[Tensor]) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
+def _empty(q: Tensor, k: Tensor) -> bool:
+    """Nothing to compute (a zero-size batch, head, sequence): the kernels are not launched."""
+    return q.numel() == 0 or k.numel() == 0
+
+
 def _backend_forward(backend, q, k, v, bias, alibi, kpm, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, p, seed):
     thr = dropout_threshold(p)
+    if backend != "reference" and _empty(q, k):  # rows that see no key: out 0, lse -inf
+        return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
     if backend == "cpu":
         from . import cpu_tuning
         cpu_tuning.ensure(q.dtype, q.shape[-1])  # tile path + blocks: measured once per (dtype, head-dim class)
@@ -65,6 +72,9 @@ def _backend_forward(backend, q, k, v, bias, alibi, kpm, cu_q, cu_k, max_q, max_
 def _backend_backward(backend, dout, q, k, v, out, lse, bias, alibi, kpm, cu_q, cu_k, max_q, max_k, scale, wl, wr,
                       br, p, seed, bias_grad):
     thr = dropout_threshold(p)
+    if backend != "reference" and _empty(q, k):
+        db = q.new_zeros(bias.shape, dtype=torch.float32) if bias_grad else None
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), db
     if backend == "cpu":
         dq, dk, dv, db = torch.ops.pyattn_cpu.attention_bwd(dout, q, k, v, out, lse, bias, alibi, kpm, cu_q, cu_k,
                                                             max_q, max_k, scale, wl, wr, br, p, thr, seed, bias_grad)

@@ -29,6 +29,8 @@ def _reference_bias(q, k, kvn, kvi, fkvn, fkvi, bits, bq, bk):
 def _forward(q, k, v, kvn, kvi, fkvn, fkvi, qn, qi, fqn, fqi, bits, kpm, bq, bk, scale, wl, wr, br, p, seed, backend):
     seed_i = _seed_int(seed)
     thr = dropout_threshold(p)
+    if backend != "reference" and (q.numel() == 0 or k.numel() == 0):  # nothing to compute: no launch
+        return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
     if backend == "cpu":
         out, lse = torch.ops.pyattn_cpu.block_sparse_fwd(q, k, v, kvn, kvi, fkvn, fkvi, bits, kpm, bq, bk, scale,
                                                          wl, wr, br, p, thr, seed_i)
@@ -85,6 +87,8 @@ def block_sparse_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     """Gradients (dq, dk, dv) of :func:`block_sparse_fwd`."""
     seed_i = _seed_int(seed)
     thr = dropout_threshold(dropout_p)
+    if backend != "reference" and (q.numel() == 0 or k.numel() == 0):
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     if backend == "cpu":
         dq, dk, dv = torch.ops.pyattn_cpu.block_sparse_bwd(
             dout, q, k, v, out, lse, q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, mask_bits,

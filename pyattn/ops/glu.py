@@ -20,6 +20,7 @@ from .. import _dispatch
 from .._autocast import autocast_inputs
 from .._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_shape, \
     check_tensor
+from ._layout import unit_last_stride
 from ..reference.glu import ACTIVATIONS, glu_backward_reference, glu_reference
 
 _ALL_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -191,7 +192,7 @@ def _glu_setup_context(ctx, inputs, output):
 
 def _glu_backward(ctx, dout):
     gate, up = ctx.saved_tensors
-    dgate, dup = glu_bwd(dout.contiguous(), gate, up, ctx.activation, ctx.backend)
+    dgate, dup = glu_bwd(unit_last_stride(dout), gate, up, ctx.activation, ctx.backend)
     return dgate, dup, None, None
 
 
@@ -240,7 +241,7 @@ def _ffn_backward(ctx, dout, _dpre):
     x, pre, w_gate_up, w_down = ctx.saved_tensors
     if dout is None:  # out was not used
         dout = x.new_zeros((x.shape[0], w_down.shape[0]))
-    dx, dwgu, dbgu, dwd, dbd = glu_ffn_bwd(dout.contiguous(), x, pre, w_gate_up, w_down, ctx.activation,
+    dx, dwgu, dbgu, dwd, dbd = glu_ffn_bwd(unit_last_stride(dout), x, pre, w_gate_up, w_down, ctx.activation,
                                            ctx.has_bias[0], ctx.has_bias[1], ctx.backend)
     return (dx, dwgu, dbgu if ctx.has_bias[0] else None, dwd, dbd if ctx.has_bias[1] else None, None, None)
 
@@ -266,8 +267,7 @@ def _activation_code(activation) -> int:
 
 def _rows(t: Tensor, n: int) -> Tensor:
     """(..., n) -> (T, n) view with unit column stride (copied only when no such view exists)."""
-    t2 = t.reshape(math.prod(t.shape[:-1]), n)
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 or n <= 1 else t2.contiguous()
+    return unit_last_stride(t.reshape(math.prod(t.shape[:-1]), n))
 
 
 def glu(gate: Tensor, up: Tensor, activation: str = "silu", *, backend: Optional[str] = None) -> Tensor:

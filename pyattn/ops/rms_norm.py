@@ -10,6 +10,7 @@ from .. import _dispatch
 from .._autocast import autocast_dtype
 from .._validate import FLOAT_DTYPES, check_backend_arg, check_positive, check_same_device, check_same_dtype, \
     check_shape, check_tensor
+from ._layout import unit_last_stride
 from ..reference.rms_norm import rms_norm_backward_reference, rms_norm_reference
 
 _MAX_HIDDEN = 65536
@@ -80,7 +81,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh, _drstd):
     xin, weight, rstd = ctx.saved_tensors
     dh = dh if ctx.has_residual else None
-    dx, dw = rms_norm_bwd(dy.contiguous(), xin, weight, rstd, dh.contiguous() if dh is not None else None,
+    dx, dw = rms_norm_bwd(unit_last_stride(dy), xin, weight, rstd, unit_last_stride(dh) if dh is not None else None,
                           ctx.backend)
     return dx, (dw if weight is not None else None), (dx if ctx.has_residual else None), None, None
 
@@ -116,8 +117,8 @@ def _validate(x, weight, eps, residual, backend):
 
 
 def _rows(t: Tensor, N: int) -> Tensor:
-    t2 = t.reshape(-1, N)
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+    """(..., N) -> (M, N) view with unit column stride, copied only when no such view exists."""
+    return unit_last_stride(t.reshape(-1, N))
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, residual: Optional[Tensor] = None,
@@ -153,7 +154,8 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, r
     r2 = _rows(residual, N) if residual is not None else None
     w = None
     if weight is not None:
-        w = weight.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        # the kernels read the weight with unit stride (an expanded or sliced weight is copied)
+        w = weight.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
     if _dispatch.direct_call_ok(x2, w, r2):
         y, h, _ = _forward_impl(name, x2, w, r2, float(eps))
     else:

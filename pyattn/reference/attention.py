@@ -215,7 +215,7 @@ def schedule_visibility(kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_b
     vis = table(full_kv_num_blocks, full_kv_indices)
     if mask_bits is not None:
         shifts = torch.arange(8, device=dev, dtype=torch.uint8)
-        bits = ((mask_bits.unsqueeze(-1) >> shifts) & 1).reshape(*mask_bits.shape[:-1], -1)[..., :Nk].bool()
+        bits = ((mask_bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :Nk].bool()  # flatten: also for 0 rows
         vis = vis | (table(kv_num_blocks, kv_indices) & bits)
     return vis
 
