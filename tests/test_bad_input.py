@@ -64,7 +64,7 @@ CASES = [
     ("attention scale str", lambda: pyattn.attention(q4, kv4, kv4, scale="1"), TypeError, "scale must be a float"),
     ("attention alignment", lambda: pyattn.attention(q4, kv4, kv4, causal=True, causal_alignment="center"), ValueError, "causal_alignment must be"),
     ("attention key_padding_mask shape", lambda: pyattn.attention(q4, kv4, kv4, key_padding_mask=torch.ones(1, 7, dtype=torch.bool)), ValueError, "key_padding_mask must have shape"),
-    ("attention key_padding_mask dtype", lambda: pyattn.attention(q4, kv4, kv4, key_padding_mask=torch.ones(1, 8)), TypeError, "key_padding_mask must have dtype"),
+    ("attention key_padding_mask dtype", lambda: pyattn.attention(q4, kv4, kv4, key_padding_mask=torch.ones(1, 8, dtype=torch.int32)), TypeError, "key_padding_mask must have dtype"),
     ("attention attn_mask shape", lambda: pyattn.attention(q4, kv4, kv4, attn_mask=torch.ones(3, 8, dtype=torch.bool)), ValueError, "attn_mask must be broadcastable"),
     ("attention attn_mask dtype", lambda: pyattn.attention(q4, kv4, kv4, attn_mask=torch.ones(8, 8, dtype=torch.int32)), TypeError, "attn_mask must be bool"),
     ("attention attn_mask type", lambda: pyattn.attention(q4, kv4, kv4, attn_mask=[[True]]), TypeError, "attn_mask must be a torch.Tensor"),
