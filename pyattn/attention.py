@@ -120,6 +120,13 @@ def _broadcast_bias(name: str, t: Tensor, B: int, H: int, Nq: int, Nk: int, q: T
                          f"got shape {tuple(t.shape)}") from None
 
 
+def _bias_4d(t: Tensor, B: int, H: int, Nq: int, Nk: int, q: Tensor) -> Tensor:
+    """``bias`` checked against (B, H, Nq, Nk) and viewed as 4-D with its broadcast dims kept at size 1,
+    so that the backward reduces its gradient to that shape without a (B, H, Nq, Nk) buffer."""
+    _broadcast_bias("bias", t, B, H, Nq, Nk, q)
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
 def _mask_to_bias(attn_mask: Tensor, B, H, Nq, Nk, q: Tensor) -> Tensor:
     if attn_mask.dtype == torch.bool:
         m = _broadcast_bias("attn_mask", attn_mask, B, H, Nq, Nk, q)
@@ -184,7 +191,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
             (1 = real token) is passed as ``key_padding_mask=attention_mask == 0``. A bool mask
             costs nothing extra (the kernels read it per key); a float one becomes an additive bias.
         attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Nq, Nk).
-        bias: additive float broadcastable to (B, H, Nq, Nk); gets a gradient when it requires grad.
+        bias: additive float broadcastable to (B, H, Nq, Nk); gets a gradient when it requires grad,
+            reduced to the bias's own shape. A bias shared by the batch ((1, H, Nq, Nk), (Nq, Nk), ...)
+            gets it one batch element at a time, with no (B, H, Nq, Nk) buffer (not with dropout).
         alibi_slopes: (H,) or (B, H): adds -slope * |i + Nk - Nq - j|.
         window: (left, right) sliding window around the (aligned) diagonal; None on a side = unbounded.
             Key blocks outside the band are never visited: cost is O(N * window).
@@ -231,7 +240,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     full_bias = None
     if bias is not None:
         check_tensor("bias", bias, dtypes=_ALL_FLOATS)
-        full_bias = _broadcast_bias("bias", bias, B, H, Nq, Nk, q)
+        full_bias = _bias_4d(bias, B, H, Nq, Nk, q)
     if kpm_bias is not None:
         kb = _broadcast_bias("key_padding_mask", kpm_bias[:, None, None, :], B, H, Nq, Nk, q)
         full_bias = kb if full_bias is None else full_bias + kb

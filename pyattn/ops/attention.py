@@ -45,8 +45,16 @@ def _empty(q: Tensor, k: Tensor) -> bool:
     return q.numel() == 0 or k.numel() == 0
 
 
+def _full_bias(bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """The 4-D bias (size-1 broadcast dims allowed) as the (B, H, Nq, Nk) view the kernels read."""
+    if bias is None or q.dim() != 4:
+        return bias
+    return bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
 def _backend_forward(backend, q, k, v, bias, alibi, kpm, cu_q, cu_k, max_q, max_k, scale, wl, wr, br, p, seed):
     thr = dropout_threshold(p)
+    bias = _full_bias(bias, q, k)
     if backend != "reference" and _empty(q, k):  # rows that see no key: out 0, lse -inf
         return q.new_zeros(q.shape), q.new_full(q.shape[:-1], float("-inf"), dtype=torch.float32)
     if backend == "cpu":
@@ -72,6 +80,7 @@ def _backend_forward(backend, q, k, v, bias, alibi, kpm, cu_q, cu_k, max_q, max_
 def _backend_backward(backend, dout, q, k, v, out, lse, bias, alibi, kpm, cu_q, cu_k, max_q, max_k, scale, wl, wr,
                       br, p, seed, bias_grad):
     thr = dropout_threshold(p)
+    bias = _full_bias(bias, q, k)
     if backend != "reference" and _empty(q, k):
         db = q.new_zeros(bias.shape, dtype=torch.float32) if bias_grad else None
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), db
@@ -135,14 +144,49 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
                   window_left: int, window_right: int, bottom_right: bool, dropout_p: float, seed: Optional[Tensor],
                   bias_requires_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv, dbias) of :func:`attention_fwd`; dbias is fp32 (B, H, Nq, Nk) or empty."""
-    dq, dk, dv, db = _backend_backward(backend, dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_mask,
-                                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                                       window_right, bottom_right, dropout_p, _seed_int(seed), bias_requires_grad)
+    """Gradients (dq, dk, dv, dbias) of :func:`attention_fwd`; dbias is fp32 in bias's own 4-D shape
+    (its broadcast dims reduced) or empty."""
+    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right,
+            dropout_p, _seed_int(seed))
+    if bias_requires_grad and _batch_chunked(q, bias, dropout_p):
+        dq, dk, dv, db = _backward_per_batch(backend, dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_mask,
+                                             args)
+    else:
+        dq, dk, dv, db = _backend_backward(backend, dout, q, k, v, out, lse, bias, alibi_slopes, key_padding_mask,
+                                           *args, bias_requires_grad)
+        if db is not None and bias is not None and tuple(db.shape) != tuple(bias.shape):
+            db = _reduce_to(db, bias.shape)
     if db is None:
         db = q.new_empty((0,), dtype=torch.float32)
     # contiguous outputs: the strides the fake implementation promises to torch.compile
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), db.contiguous()
+
+
+def _reduce_to(g: Tensor, shape) -> Tensor:
+    """Sum a (B, H, Nq, Nk) gradient over the dims where ``shape`` is 1."""
+    dims = [d for d in range(4) if shape[d] == 1 and g.shape[d] != 1]
+    return g.sum(dims, keepdim=True) if dims else g
+
+
+def _batch_chunked(q: Tensor, bias: Optional[Tensor], dropout_p: float) -> bool:
+    """A bias shared by the batch gets its gradient one batch element at a time (a (1, H, Nq, Nk)
+    buffer instead of (B, H, Nq, Nk)). Not with dropout: its mask hashes the batch index."""
+    return (bias is not None and q.dim() == 4 and bias.shape[0] == 1 and q.shape[0] > 1 and dropout_p == 0.0
+            and q.numel() > 0)
+
+
+def _backward_per_batch(backend, dout, q, k, v, out, lse, bias, alibi, kpm, args):
+    grads, db = [], None
+    for b in range(q.shape[0]):
+        s = slice(b, b + 1)
+        dq, dk, dv, db_b = _backend_backward(backend, dout[s], q[s], k[s], v[s], out[s], lse[s], bias,
+                                             None if alibi is None else alibi[s], None if kpm is None else kpm[s],
+                                             *args, True)
+        db_b = _reduce_to(db_b, bias.shape)
+        db = db_b if db is None else db.add_(db_b)
+        grads.append((dq, dk, dv))
+    dq, dk, dv = (torch.cat(g) for g in zip(*grads))
+    return dq, dk, dv, db
 
 
 @attention_bwd.register_fake
