@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import attention, varlen_attention
+from ._lm import check_token_ids
 from ._packing import Packing
 
 ACTIVATIONS = {
@@ -115,19 +116,7 @@ class EncoderOutput:
 # input checks
 # ------------------------------------------------------------------------------------------------
 
-def _check_ids(name: str, ids, limit: int, shape=None) -> None:
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
-    if shape is not None and tuple(ids.shape) != tuple(shape):
-        raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}, got {tuple(ids.shape)}")
-    if ids.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (B, N), got shape {tuple(ids.shape)}")
-    if ids.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= limit:
-            raise ValueError(f"{name} must be in [0, {limit}), got values in [{lo}, {hi}]")
+_check_ids = check_token_ids
 
 
 def check_inputs(config: BertConfig, input_ids, attention_mask, token_type_ids) -> Optional[Tensor]:

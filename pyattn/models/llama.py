@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..attention import attention, varlen_attention
 from ..nn.glu import HF_ACTIVATIONS, GLUFeedForward
 from ..nn.rms_norm import RMSNorm
+from ._lm import CausalLMOutput, causal_lm_output, check_token_ids  # noqa: F401 (CausalLMOutput re-exported)
 
 
 @dataclass
@@ -180,12 +181,6 @@ class LlamaDecoderLayer(nn.Module):
         return h + self.mlp(y)
 
 
-@dataclass
-class CausalLMOutput:
-    logits: Tensor  # (B, N, vocab)
-    loss: Optional[Tensor] = None
-
-
 class LlamaForCausalLM(nn.Module):
     """Decoder LM. ``forward(input_ids (B, N), labels=None)`` -> :class:`CausalLMOutput`.
 
@@ -218,16 +213,7 @@ class LlamaForCausalLM(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def check_ids(self, input_ids: Tensor) -> None:
-        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an int64/int32 tensor, got "
-                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be 2-D (B, N), got shape {tuple(input_ids.shape)}")
-        # a host read of the ids: skipped while torch.compile traces (it would break the graph)
-        if input_ids.numel() and not torch.compiler.is_compiling() and \
-                (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        check_token_ids("input_ids", input_ids, self.config.vocab_size)
 
     def hidden_states(self, input_ids: Tensor, positions: Optional[Tensor] = None, cache=None) -> Tensor:
         B, N = input_ids.shape
@@ -241,15 +227,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None) -> CausalLMOutput:
         self.check_ids(input_ids)
-        logits = self.lm_head(self.hidden_states(input_ids))
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(labels.shape)}")
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                               ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        return causal_lm_output(self.lm_head(self.hidden_states(input_ids)), labels, input_ids)
 
     @classmethod
     def from_pretrained(cls, path, **overrides) -> "LlamaForCausalLM":

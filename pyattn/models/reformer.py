@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..nn.local import LocalSelfAttention
 from ..nn.lsh import LSHSelfAttention
-from .llama import CausalLMOutput
+from ._lm import CausalLMOutput
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu, "swish": F.silu,

@@ -31,7 +31,7 @@ from ..block_mask import BlockMask
 from ..block_sparse import block_sparse_attention
 from ..nn.glu import GLUFeedForward
 from ..nn.rms_norm import RMSNorm
-from .llama import CausalLMOutput
+from ._lm import CausalLMOutput, causal_lm_output, check_token_ids
 
 _LAYOUTS = ("fixed", "strided")
 _NORMS = ("rmsnorm", "layernorm")
@@ -201,18 +201,12 @@ class SparseTransformerLM(nn.Module):
 
     def check_ids(self, input_ids: Tensor) -> None:
         c = self.config
-        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an int64/int32 tensor, got "
-                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be 2-D (B, N) with N >= 1, got shape {tuple(input_ids.shape)}")
+        check_token_ids("input_ids", input_ids, c.vocab_size)
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have N >= 1 tokens, got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] > c.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than the context "
                              f"max_position_embeddings={c.max_position_embeddings}")
-        # the value check reads the ids on the host: skipped while torch.compile traces
-        if input_ids.numel() and not torch.compiler.is_compiling() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
-            raise ValueError(f"input_ids must be in [0, vocab_size={c.vocab_size}), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
     def hidden_states(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, N) -> final-norm hidden states (B, N, E)."""
@@ -229,15 +223,7 @@ class SparseTransformerLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None) -> CausalLMOutput:
         self.check_ids(input_ids)
-        logits = self.lm_head(self.hidden_states(input_ids))
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(labels.shape)}")
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                               ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        return causal_lm_output(self.lm_head(self.hidden_states(input_ids)), labels, input_ids)
 
     def extra_repr(self) -> str:
         c = self.config
