@@ -52,3 +52,14 @@ def test_batch_shared_bias_gradient_needs_no_full_buffer():
     largest = _largest_allocation(lambda: out.sum().backward())
     assert bias.grad is not None and bias.grad.shape == bias.shape
     assert largest < full // 2, f"backward allocated {largest} bytes at once (a full bias gradient is {full})"
+
+
+def test_head_shared_bias_gradient_needs_no_full_buffer():
+    Bm, Hm, Nm, Dm = 8, 4, 256, 16
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(Bm, Hm, Nm, Dm, requires_grad=True) for _ in range(3))
+    bias = torch.randn(Bm, 1, Nm, Nm, requires_grad=True)
+    out = pyattn.attention(q, k, v, bias=bias, backend="cpu")
+    full = Bm * Hm * Nm * Nm * 4
+    largest = _largest_allocation(lambda: out.sum().backward())
+    assert largest < full // 2, f"backward allocated {largest} bytes at once (a full bias gradient is {full})"

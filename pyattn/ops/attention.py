@@ -169,21 +169,25 @@ def _reduce_to(g: Tensor, shape) -> Tensor:
 
 
 def _batch_chunked(q: Tensor, bias: Optional[Tensor], dropout_p: float) -> bool:
-    """A bias shared by the batch gets its gradient one batch element at a time (a (1, H, Nq, Nk)
-    buffer instead of (B, H, Nq, Nk)). Not with dropout: its mask hashes the batch index."""
-    return (bias is not None and q.dim() == 4 and bias.shape[0] == 1 and q.shape[0] > 1 and dropout_p == 0.0
-            and q.numel() > 0)
+    """A bias shared by the batch or by the heads gets its gradient one batch element at a time (a
+    (1, H, Nq, Nk) buffer instead of (B, H, Nq, Nk)). Not with dropout: its mask hashes the batch index."""
+    return (bias is not None and q.dim() == 4 and q.shape[0] > 1 and (bias.shape[0] == 1 or bias.shape[1] == 1)
+            and dropout_p == 0.0 and q.numel() > 0)
 
 
 def _backward_per_batch(backend, dout, q, k, v, out, lse, bias, alibi, kpm, args):
-    grads, db = [], None
+    shared = bias.shape[0] == 1  # else bias is (B, 1, ., .): each element owns its slice of the gradient
+    grads, db = [], None if shared else torch.empty(bias.shape, dtype=torch.float32, device=q.device)
     for b in range(q.shape[0]):
         s = slice(b, b + 1)
-        dq, dk, dv, db_b = _backend_backward(backend, dout[s], q[s], k[s], v[s], out[s], lse[s], bias,
-                                             None if alibi is None else alibi[s], None if kpm is None else kpm[s],
-                                             *args, True)
-        db_b = _reduce_to(db_b, bias.shape)
-        db = db_b if db is None else db.add_(db_b)
+        dq, dk, dv, db_b = _backend_backward(backend, dout[s], q[s], k[s], v[s], out[s], lse[s],
+                                             bias if shared else bias[s], None if alibi is None else alibi[s],
+                                             None if kpm is None else kpm[s], *args, True)
+        db_b = _reduce_to(db_b, (1,) + tuple(bias.shape[1:]))
+        if shared:
+            db = db_b if db is None else db.add_(db_b)
+        else:
+            db[s] = db_b
         grads.append((dq, dk, dv))
     dq, dk, dv = (torch.cat(g) for g in zip(*grads))
     return dq, dk, dv, db
