@@ -125,7 +125,44 @@ CASES = [
     ("RMSNorm input size", lambda: pyattn.nn.RMSNorm(16)(torch.randn(2, 8)), ValueError, "weight must have shape"),
     ("GLUFeedForward activation", lambda: pyattn.nn.GLUFeedForward(16, 8, activation="tanh")(x2), ValueError, "activation"),
     ("GLUFeedForward input size", lambda: pyattn.nn.GLUFeedForward(16, 8)(torch.randn(2, 8)), ValueError, "hidden"),
+    ("RMSNorm hidden_size", lambda: pyattn.nn.RMSNorm(0), ValueError, "hidden_size must be a positive int"),
+    ("MultiheadAttention embed_dim", lambda: pyattn.nn.MultiheadAttention(10, 3), ValueError, "embed_dim"),
+    ("MultiheadAttention num_heads", lambda: pyattn.nn.MultiheadAttention(8, 0), ValueError, "num_heads"),
+    ("MultiheadAttention dropout", lambda: pyattn.nn.MultiheadAttention(8, 2, dropout=1.5), ValueError, "dropout"),
+    ("MultiheadAttention key_padding_mask shape", lambda: _mha()(x3, x3, x3, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool)),
+     ValueError, "key_padding_mask must have shape"),
+    ("MultiheadAttention query rank", lambda: _mha()(torch.randn(5, 7), x3, x3), ValueError, "key must be 2-D like query"),
+    ("GroupedQueryAttention embed_dim", lambda: pyattn.nn.GroupedQueryAttention(10, 3), ValueError, "embed_dim"),
+    # integrations
+    ("patch model type", lambda: pyattn.patch("model"), TypeError, "model must be a torch.nn.Module"),
+    ("unpatch model type", lambda: pyattn.unpatch(3), TypeError, "model must be a torch.nn.Module"),
+    # model configs
+    ("BertConfig vocab_size", lambda: _models().BertConfig(vocab_size=0), ValueError, "vocab_size must be a positive int"),
+    ("BertConfig heads", lambda: _models().BertConfig(hidden_size=10, num_attention_heads=3), ValueError, "num_attention_heads"),
+    ("BertConfig dropout", lambda: _models().BertConfig(hidden_dropout_prob=1.0), ValueError, "hidden_dropout_prob"),
+    ("LlamaConfig heads", lambda: _llama().LlamaForCausalLM(_llama().LlamaConfig(hidden_size=10, num_attention_heads=3)),
+     ValueError, "num_attention_heads"),
+    ("LlamaConfig kv heads", lambda: _llama().LlamaForCausalLM(_llama().LlamaConfig(hidden_size=32, num_attention_heads=4,
+                                                                                   num_key_value_heads=3)),
+     ValueError, "num_key_value_heads"),
 ]
+
+
+def _mha():
+    return pyattn.nn.MultiheadAttention(8, 2, batch_first=True)
+
+
+def _models():
+    import pyattn.models
+    return pyattn.models
+
+
+def _llama():
+    import pyattn.models.llama
+    return pyattn.models.llama
+
+
+x3 = torch.randn(2, 5, 8)
 
 
 @pytest.mark.parametrize("call,exc,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -295,6 +295,8 @@ def is_patched(model: nn.Module) -> bool:
 def unpatch(model: nn.Module) -> List[str]:
     """Undo :func:`patch`: put the original modules back (re-linked to the current Parameters) and
     restore the previous attention implementation. Returns the names of the restored modules."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     restored = []
     for name, module in list(model.named_modules()):
         entry = module.__dict__.get(_ORIGINAL)

@@ -18,6 +18,8 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6, elementwise_affine: bool = True,
                  backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         self.hidden_size = hidden_size
         self.eps = eps
         self.backend = backend
