@@ -54,6 +54,15 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str =
         raise InputError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
 
+def check_probability(name: str, p) -> float:
+    """A dropout probability: a real number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise InputTypeError(f"{name} must be a float, got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise InputError(f"{name} must be in [0, 1), got {p}")
+    return float(p)
+
+
 def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputTypeError(f"{name} must be a number, got {type(value).__name__}")

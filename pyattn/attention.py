@@ -14,8 +14,8 @@ from torch import Tensor
 
 from . import _dispatch
 from ._autocast import autocast_inputs
-from ._validate import (FLOAT_DTYPES, InputError, InputTypeError, check_backend_arg, check_same_device,
-                        check_same_dtype, check_tensor)
+from ._validate import (FLOAT_DTYPES, InputError, InputTypeError, check_backend_arg, check_probability,
+                        check_same_device, check_same_dtype, check_tensor)
 from .ops.attention import _NO_BLOCK_SCHEDULE, MAX_HEAD_DIM, attention_forward
 
 _ALL_FLOATS = FLOAT_DTYPES + (torch.float64,)
@@ -72,11 +72,7 @@ def _check_window(window) -> Tuple[int, int]:
 
 
 def _check_dropout(dropout_p) -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise InputTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise InputError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return float(dropout_p)
+    return check_probability("dropout_p", dropout_p)
 
 
 def _check_scale(scale, D: int) -> float:

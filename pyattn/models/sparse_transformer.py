@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import layouts
 from .._autocast import autocast_dtype
+from .._validate import check_probability
 from ..block_mask import BlockMask
 from ..block_sparse import block_sparse_attention
 from ..nn.glu import GLUFeedForward
@@ -77,8 +78,7 @@ class SparseTransformerConfig:
             raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
         if self.ffn_activation not in _FFN_ACTIVATIONS:
             raise ValueError(f"ffn_activation must be one of {_FFN_ACTIVATIONS}, got {self.ffn_activation!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_probability("dropout", self.dropout)
         if self.layout == "fixed" and self.num_local_blocks % self.num_global_blocks:
             raise ValueError(f"num_local_blocks ({self.num_local_blocks}) must be divisible by num_global_blocks "
                              f"({self.num_global_blocks}) for the fixed layout")

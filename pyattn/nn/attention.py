@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import FLOAT_DTYPES, check_same_dtype
+from .._validate import FLOAT_DTYPES, check_probability, check_same_dtype
 from ..attention import attention
 
 _MASK_DTYPES = (torch.bool,) + FLOAT_DTYPES + (torch.float64,)
@@ -82,8 +82,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        check_probability("dropout", dropout)
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)

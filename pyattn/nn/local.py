@@ -20,20 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_probability
 from ..attention import attention
 from ..block_mask import BlockMask
 from ..block_sparse import block_sparse_attention
 from ..lsh import _check_int
 
 _BLOCKS = (128, 64, 32, 16)
-
-
-def _check_prob(name: str, p) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(p).__name__}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {p}")
-    return float(p)
 
 
 def chunk_multiplicity(n_chunks: int, before: int, after: int, device=None) -> Tensor:
@@ -118,7 +111,7 @@ class LocalSelfAttention(nn.Module):
         self.num_chunks_before = local_num_chunks_before
         self.num_chunks_after = local_num_chunks_after
         self.is_decoder = is_decoder
-        self.dropout = _check_prob("local_attention_probs_dropout_prob", local_attention_probs_dropout_prob)
+        self.dropout = check_probability("local_attention_probs_dropout_prob", local_attention_probs_dropout_prob)
         self.backend = backend
         all_head = num_attention_heads * attention_head_size
         self.query = nn.Linear(hidden_size, all_head, bias=False)
