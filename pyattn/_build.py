@@ -224,7 +224,8 @@ def _load_cuda() -> Optional[str]:
         major, minor = torch.cuda.get_device_capability()
         arch = f"{major}{minor}" + ("a" if major == 9 else "")
         flags = cuda_flags(arch)
-        name = f"pyattn_cuda_sm{arch}_{_digest(sources, flags)}"
+        headers = sorted((root / "cuda").glob("*.cuh"))  # part of the digest: a header edit rebuilds
+        name = f"pyattn_cuda_sm{arch}_{_digest([*sources, *headers], flags)}"
         build_dir = build_root() / name
         build_dir.mkdir(parents=True, exist_ok=True)
         print(f"pyattn: loading/compiling the CUDA kernels for sm_{arch} in {build_dir} (CUDA_HOME={home})",
