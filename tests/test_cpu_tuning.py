@@ -128,7 +128,8 @@ def test_quiet_measurement_is_final(tuning, monkeypatch):
 
 
 def test_small_gain_keeps_the_default(tuning, monkeypatch):
-    _fake_machine(monkeypatch, tuning, 0.0, fwd={"sgemm": 0.95, "brgemm_f32": 1.0}, bwd={"sgemm": 1.0, "brgemm_f32": 0.5})
+    _fake_machine(monkeypatch, tuning, 0.0, fwd={"sgemm": 0.95, "brgemm_f32": 1.0},
+                  bwd={"sgemm": 1.0, "brgemm_f32": 0.5})
     entry = tuning.ensure(torch.float32, 64)
     assert (entry["path"], entry["bwd_path"]) == ("brgemm_f32", "brgemm_f32") and entry["trusted"]
 
@@ -171,6 +172,15 @@ def test_noisy_measurement_is_provisional(tuning, monkeypatch, noise):
         assert (cached["spread"] is None) if noise == "load" else (cached["spread"] > tuning.SPREAD_LIMIT)
     tuning.reset()  # after MAX_ATTEMPTS the default is final: no more measurements
     assert tuning.ensure(torch.float32, 64)["source"].startswith("cache")
+
+
+def test_load_rising_during_the_measurement_is_untrusted(tuning, monkeypatch):
+    _fake_machine(monkeypatch, tuning, 0.0, **FAST_SGEMM)
+    loads = iter([0.0, 1.0])  # quiet at the start, busy at the end
+    monkeypatch.setattr(tuning, "_machine_load", lambda: next(loads))
+    entry = tuning.ensure(torch.float32, 64)
+    assert entry["provisional"] and entry["load_per_core"] == 1.0 and entry["path"] == "brgemm_f32"
+    assert entry["spread"] < tuning.SPREAD_LIMIT and entry["measured_path"] == "sgemm"
 
 
 def test_provisional_entry_is_measured_again_and_overrides_win(tuning, monkeypatch):

@@ -12,9 +12,10 @@ time ratios to the built-in default, which stays unless another is at least 10% 
 
 Timings taken while other processes load the cores mislead, so the measurement records the load
 (runnable threads of other processes per core, from the load average) and the spread of repeated
-timings (a machine already busy is not timed at all). A quiet measurement is cached as final in ``cpu_attention_tuning.json`` next to the compiled
-extensions; a noisy one runs the built-in default and is cached as provisional, so that the next
-process measures again (at most MAX_ATTEMPTS times; then the default is final). The cache key holds
+timings (a machine already busy is not timed at all). A quiet measurement is cached as final in
+``cpu_attention_tuning.json`` next to the compiled extensions; a noisy one runs the built-in default
+and is cached as provisional, so that the next process measures again (at most MAX_ATTEMPTS times;
+then the default is final). The cache key holds
 the CPU model, the vector ISA, the dtype, the head-dim class, the thread count and the torch
 version, so a different CPU or torch measures again. ``pyattn.cpu_tuning()`` reports the choices
 with the load and spread they were measured under.
@@ -275,14 +276,21 @@ def measure(dtype: torch.dtype, D: int) -> dict:
     default = (_default_path(dtype, paths), DEFAULT_BLOCKS)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     load_before = round(_machine_load(), 3)
-    if load_before > LOAD_LIMIT:
+
+    def stopped(why: str, spread, timings) -> dict:  # the default, untrusted: the rest is not timed
         return {"path": default[0], "block_q": default[1][0], "block_k": default[1][1], "bwd_path": default[0],
-                "timings_ms": {}, "bwd_timings_ms": {}, "load_per_core": load_before, "spread": None,
-                "trusted": False, "skipped": "machine busy", "default": default[0], "measured": stamp}
+                "timings_ms": timings, "bwd_timings_ms": {}, "load_per_core": load_before, "spread": spread,
+                "trusted": False, "skipped": why, "default": default[0], "measured": stamp}
+
+    if load_before > LOAD_LIMIT:
+        return stopped("machine busy", None, {})
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(1, H, _TUNE_N, D, generator=g).to(dtype) for _ in range(4)]
     cands = [(p, DEFAULT_BLOCKS) for p in paths]
-    ratios1, spread1 = _compare(_rounds(_run_forward, dtype, D, cands, inputs, deadline), default)
+    ftimes = _rounds(_run_forward, dtype, D, cands, inputs, deadline)
+    ratios1, spread1 = _compare(ftimes, default)
+    if spread1 > SPREAD_LIMIT:  # noisy already: the remaining passes would cost time for nothing
+        return stopped("timings spread in the first pass", round(spread1, 3), _fmt(ftimes))
     best_path = min(ratios1, key=ratios1.get)[0]
     # second pass: the blocks of the fastest path, next to the default (ratios are only compared
     # within a pass: the load of other processes changes between passes)
@@ -345,8 +353,10 @@ def _tune(dtype: torch.dtype, D: int, key: str, attempts: int) -> dict:
     print(f"pyattn: cpu attention tiles for {str(dtype).replace('torch.', '')}, head dim "
           f"{'<= 64' if head_dim_class(D) == 0 else '> 64'}: forward {entry['path']} {entry['block_q']}x"
           f"{entry['block_k']}, backward {entry['bwd_path']} (measured in {entry['tune_seconds']} s: "
-          + ", ".join(f"{k} {v} ms" for k, v in entry["timings_ms"].items()) + "; backward "
-          + ", ".join(f"{k} {v} ms" for k, v in entry["bwd_timings_ms"].items())
+          + (", ".join(f"{k} {v} ms" for k, v in entry["timings_ms"].items()) or "nothing timed")
+          + ("; backward " + ", ".join(f"{k} {v} ms" for k, v in entry["bwd_timings_ms"].items())
+             if entry["bwd_timings_ms"] else "")
+          + (f", {entry['skipped']}" if entry.get("skipped") else "")
           + f"{note}; cached in {cache_path()})", file=sys.stderr, flush=True)
     return dict(entry, source="measured (provisional)" if entry["provisional"] else "measured")
 
@@ -359,7 +369,8 @@ def _choose(dtype: torch.dtype, D: int) -> dict:
     dclass = head_dim_class(D)
     key = cache_key(dtype, dclass)
     if os.environ.get("PYATTN_CPU_AUTOTUNE", "1") == "0":
-        entry = {"path": None, "bwd_path": None, "block_q": 0, "block_k": 0, "source": "default (PYATTN_CPU_AUTOTUNE=0)"}
+        entry = {"path": None, "bwd_path": None, "block_q": 0, "block_k": 0,
+                 "source": "default (PYATTN_CPU_AUTOTUNE=0)"}
     else:
         cached = _read_cache().get(key)
         avail = available_paths()
@@ -400,6 +411,7 @@ def info() -> dict:
     out["tile_paths"] = available_paths()
     for (dtype, dclass), entry in sorted(_applied.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
         out["choices"][f"{str(dtype).replace('torch.', '')} D{'<=64' if dclass == 0 else '>64'}"] = {
-            k: entry.get(k) for k in ("path", "block_q", "block_k", "bwd_path", "source", "timings_ms", "bwd_timings_ms",
-                                      "load_per_core", "spread", "trusted", "provisional", "attempts", "measured")}
+            k: entry.get(k) for k in ("path", "block_q", "block_k", "bwd_path", "source", "timings_ms",
+                                      "bwd_timings_ms", "load_per_core", "spread", "trusted", "provisional",
+                                      "attempts", "skipped", "measured")}
     return out
