@@ -7,10 +7,11 @@
 //  * All arithmetic is fp32. fp32 inputs are used in place through their strides (only the last
 //    dim must be unit-stride); fp16/bf16 inputs are converted to fp32 once on entry (O(N*D)), which
 //    on CPUs without AVX512-BF16/AMX is also the fastest way to feed the tile products.
-//  * Tile products: BLAS sgemm (cpu/blas.h), ATen's oneDNN brgemm fp32 with K^T packed once per
-//    call, or bf16 brgemm on CPUs with AVX512-BF16 (K^T and V packed into VNNI pairs, probabilities
-//    rounded to bf16 for P.V as in GPU FlashAttention; accumulation fp32). Which one, and the block
-//    sizes, is the tile policy's choice (cpu/attn_tiles.h).
+//  * Tile products: BLAS sgemm (cpu/blas.h), ATen's oneDNN brgemm fp32 with K^T (backward: also
+//    V^T, Q^T, dO^T) packed once per call, or bf16 brgemm on CPUs with AVX512-BF16 (K^T and V
+//    packed into VNNI pairs, probabilities rounded to bf16 for P.V as in GPU FlashAttention;
+//    accumulation fp32). Which one, per pass, and the block sizes, is the tile policy's choice
+//    (cpu/attn_tiles.h).
 //  * ONE templated tile routine (score_tile) builds the masked score tile for both passes. The
 //    kernels are specialised at compile time on <bias dtype | none, alibi, key padding, dropout>;
 //    causal/window is a runtime band whose per-element masking only runs on blocks that straddle
