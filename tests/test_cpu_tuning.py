@@ -174,6 +174,16 @@ def test_noisy_measurement_is_provisional(tuning, monkeypatch, noise):
     assert tuning.ensure(torch.float32, 64)["source"].startswith("cache")
 
 
+def test_machine_load_is_other_processes_per_core(tuning, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 2.0, 1.0))
+    monkeypatch.setattr(tuning, "_own_cpu_rate", lambda: 2.0)  # this process kept both cores busy
+    assert tuning._machine_load() == pytest.approx(0.5)
+    monkeypatch.setattr(tuning, "_own_cpu_rate", lambda: 0.1)  # idle: still its one running thread
+    assert tuning._machine_load() == pytest.approx(1.0)
+    assert 0.0 <= tuning._own_cpu_rate() <= (os.cpu_count() or 1) * 2
+
+
 def test_load_rising_during_the_measurement_is_untrusted(tuning, monkeypatch):
     _fake_machine(monkeypatch, tuning, 0.0, **FAST_SGEMM)
     loads = iter([0.0, 1.0])  # quiet at the start, busy at the end

@@ -205,14 +205,28 @@ def _backward_inputs(dtype: torch.dtype, D: int, inputs) -> tuple:
     return q, k, v, dout, out, lse
 
 
+def _own_cpu_rate() -> float:
+    """CPU seconds per second this process used over its life: its own share of the load average
+    (a training process that computed before its first attention call is not "other load")."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        age = float(Path("/proc/uptime").read_text().split()[0]) - start
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 1.0
+    return time.process_time() / age if age > 1.0 else 1.0
+
+
 def _machine_load() -> float:
-    """Runnable threads of other processes per core (the 1-minute load average less this process's
-    own running thread), 0 where the platform has no load average."""
+    """Runnable threads of other processes per core: the 1-minute load average less this process's
+    own share (at least its running thread); 0 where the platform has no load average."""
     try:
         load1 = os.getloadavg()[0]
     except (AttributeError, OSError):
         return 0.0
-    return max(0.0, load1 - 1.0) / max(1, os.cpu_count() or 1)
+    ncpu = max(1, os.cpu_count() or 1)
+    own = min(max(1.0, _own_cpu_rate()), float(ncpu))
+    return max(0.0, load1 - own) / ncpu
 
 
 def _median(xs) -> float:
