@@ -31,3 +31,30 @@ def test_large_bias_gap_between_key_tiles():
     bias = torch.zeros(1100)
     bias[:600] = -300.0
     check_attention("cpu", q, k, v, bias=bias.expand(700, 1100), grad=False)
+
+
+@pytest.mark.parametrize("D", [40, 64, 128])
+@pytest.mark.parametrize("path", ["sgemm", "brgemm_f32"])
+def test_backward_tile_paths_fp32(monkeypatch, path, D):
+    # the fp32 backward on each tile path: odd head dims, causal and sliding-window bands, key
+    # padding, a bias with its gradient, grouped kv heads, dropout; >= 128 query rows per kv head
+    # so that the brgemm tiles apply
+    skip_unless_backend("cpu")
+    from pyattn.ops import cpu_tuning
+    if path not in cpu_tuning.available_paths():
+        pytest.skip(f"this CPU / build has no {path} tiles")
+    monkeypatch.setenv("PYATTN_CPU_AUTOTUNE", "0")
+    monkeypatch.setenv("PYATTN_CPU_ATTN_PATH", path)
+    cpu_tuning.reset()
+    try:
+        q, k, v = make_inputs(B=2, H=4, Hkv=2, Nq=150, Nk=201, D=D)
+        kpm = torch.ones(2, 201, dtype=torch.bool)
+        kpm[1, 170:] = False
+        bias = torch.randn(2, 1, 150, 201, generator=torch.Generator().manual_seed(3))
+        assert cpu_tuning.ensure(torch.float32, D)["bwd_path"] == path
+        check_attention("cpu", q, k, v)
+        check_attention("cpu", q, k, v, causal=True, key_padding_mask=kpm)
+        check_attention("cpu", q, k, v, window=(40, 7), bias=bias)
+        check_attention("cpu", q, k, v, causal=True, dropout_p=0.2)
+    finally:
+        cpu_tuning.reset()

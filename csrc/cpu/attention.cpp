@@ -7,10 +7,11 @@
 //  * All arithmetic is fp32. fp32 inputs are used in place through their strides (only the last
 //    dim must be unit-stride); fp16/bf16 inputs are converted to fp32 once on entry (O(N*D)), which
 //    on CPUs without AVX512-BF16/AMX is also the fastest way to feed the tile products.
-//  * Tile products: BLAS sgemm (cpu/blas.h), ATen's oneDNN brgemm fp32 with K^T packed once per
-//    call, or bf16 brgemm on CPUs with AVX512-BF16 (K^T and V packed into VNNI pairs, probabilities
-//    rounded to bf16 for P.V as in GPU FlashAttention; accumulation fp32). Which one, and the block
-//    sizes, is the tile policy's choice (cpu/attn_tiles.h).
+//  * Tile products: BLAS sgemm (cpu/blas.h), ATen's oneDNN brgemm fp32 with K^T (backward: also
+//    V^T, Q^T, dO^T) packed once per call, or bf16 brgemm on CPUs with AVX512-BF16 (K^T and V
+//    packed into VNNI pairs, probabilities rounded to bf16 for P.V as in GPU FlashAttention;
+//    accumulation fp32). Which one, per pass, and the block sizes, is the tile policy's choice
+//    (cpu/attn_tiles.h).
 //  * ONE templated tile routine (score_tile) builds the masked score tile for both passes. The
 //    kernels are specialised at compile time on <bias dtype | none, alibi, key padding, dropout>;
 //    causal/window is a runtime band whose per-element masking only runs on blocks that straddle
@@ -283,9 +284,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     Setup& st, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool bias_requires_grad, K&& kernel) {
   const Params& p = st.p;
-  if (tile_kind(q.scalar_type(), query_rows_per_kv_head(st), st.p.D) == TileKind::kBrgemmBF16) pack_kv_bf16_backward(st);
+  const TileKind kind = tile_kind(q.scalar_type(), query_rows_per_kv_head(st), st.p.D, /*backward=*/true);
+  if (kind == TileKind::kBrgemmBF16) pack_kv_bf16_backward(st);
   const auto fopt = q.options().dtype(at::kFloat);
   at::Tensor do32 = as_f32(dout);
+  if (kind == TileKind::kBrgemmF32 && p.NqT > 0 && p.NkT > 0 && p.D > 0)
+    pack_f32_backward(st, do32.data_ptr<float>(), do32.stride(0), do32.stride(1), row_stride(do32));
   at::Tensor lse32 = lse.to(at::kFloat).contiguous();
   at::Tensor delta = (do32 * out.to(at::kFloat)).sum(-1).contiguous();  // (B, H, NqT)
 
@@ -471,22 +475,27 @@ TORCH_LIBRARY_FRAGMENT(pyattn_cpu, m) {
 }
 
 namespace pyattn_cpu_attention {
-// Tile policy of one (dtype, head-dim class): path -1 = default, blocks 0 = default.
-void attention_set_tile_policy(at::ScalarType dtype, int64_t head_dim, int64_t path, int64_t fbq, int64_t fbk) {
-  TORCH_CHECK(path >= -1 && path <= 2, "pyattn_cpu attention: tile path must be -1..2, got ", path);
-  TORCH_CHECK(path < 0 || (available_tile_paths() >> path & 1), "pyattn_cpu attention: tile path ", path,
-              " is not available on this CPU / build");
+// Tile policy of one (dtype, head-dim class): paths -1 = default, blocks 0 = default.
+void attention_set_tile_policy(at::ScalarType dtype, int64_t head_dim, int64_t path, int64_t fbq, int64_t fbk,
+                               int64_t bwd_path) {
+  for (const int64_t pth : {path, bwd_path}) {
+    TORCH_CHECK(pth >= -1 && pth <= 2, "pyattn_cpu attention: tile path must be -1..2, got ", pth);
+    TORCH_CHECK(pth < 0 || (available_tile_paths() >> pth & 1), "pyattn_cpu attention: tile path ", pth,
+                " is not available on this CPU / build");
+  }
   TilePolicy& tp = tile_policy(dtype, head_dim);
   tp.path = path;
+  tp.bpath = bwd_path;
   tp.fbq = std::max<int64_t>(fbq, 0);
   tp.fbk = std::max<int64_t>(fbk, 0);
 }
 }  // namespace pyattn_cpu_attention
 
 TORCH_LIBRARY_FRAGMENT(pyattn_cpu, m) {
-  m.def("attention_set_tile_policy(ScalarType dtype, int head_dim, int path, int block_q, int block_k) -> ()",
-        [](at::ScalarType dt, int64_t D, int64_t path, int64_t bq, int64_t bk) {
-          pyattn_cpu_attention::attention_set_tile_policy(dt, D, path, bq, bk);
+  m.def("attention_set_tile_policy(ScalarType dtype, int head_dim, int path, int block_q, int block_k, "
+        "int bwd_path=-1) -> ()",
+        [](at::ScalarType dt, int64_t D, int64_t path, int64_t bq, int64_t bk, int64_t bpath) {
+          pyattn_cpu_attention::attention_set_tile_policy(dt, D, path, bq, bk, bpath);
         });
   m.def("attention_tile_paths() -> int", []() { return pyattn_cpu_attention::available_tile_paths(); });
   m.def("cpu_blas_vendor() -> str", []() { return pyattn_cpu::blas_vendor(); });

@@ -57,10 +57,13 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
     //  Pb, Pv: Pd rows and their VNNI row pairs (B of dV^T); dSs, dSv: scale * dS rows (A of dQ)
     //  and their row pairs (B of dK^T); dKt, dVt: the (D x bk) fp32 accumulators of a key block
     const bool bf = p.kt_vnni != nullptr;
+    // fp32 brgemm tiles: the same transposed dK / dV accumulation, A operands Q^T and dO^T packed
+    // per call, B operands K^T and V^T slabs, and the products take scale * dS (brgemm has no alpha)
+    const bool f32b = p.vt_f32 != nullptr;
     const int64_t bqe = round_up_even(p.bbq), bke = round_up_even(p.bbk);
     const size_t nq_h = bf ? p.bbq * p.Dp : 0, nqt = bf ? D * bqe : 0, ntile = bf ? bqe * bke : 0;
     std::vector<c10::BFloat16> Qh(nq_h), dOh(nq_h), QT(nqt), dOT(nqt), Pb(ntile), Pv(ntile), dSs(ntile), dSv(ntile);
-    std::vector<float> dKt(bf ? D * p.bbk : 0), dVt(bf ? D * p.bbk : 0), srow(bf ? p.bbk : 0);
+    std::vector<float> dKt(bf || f32b ? D * p.bbk : 0), dVt(bf || f32b ? D * p.bbk : 0), srow(bf ? p.bbk : 0);
     for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) {
       const int64_t c = t % C;
       const int64_t hk = (t / C) % p.Hkv;
@@ -70,7 +73,7 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
       const float* vbase = p.v + s.tb * p.v_sb + hk * p.v_sh + s.k0 * p.v_sn;
       float* dkbase = g.dk + ((s.tb * p.Hkv + hk) * p.NkT + s.k0) * D;
       float* dvbase = g.dv + ((s.tb * p.Hkv + hk) * p.NkT + s.k0) * D;
-      const int64_t slab = bf ? p.slab_off[(t / (C * p.Hkv)) * p.Hkv + hk] : 0;
+      const int64_t slab = bf || f32b ? p.slab_off[(t / (C * p.Hkv)) * p.Hkv + hk] : 0;
       const int64_t nk_even = round_up_even(s.nk);
       for (int64_t kb = c; kb < nkb; kb += C) {
         const int64_t j0 = kb * p.bbk;
@@ -85,7 +88,7 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
         if (p.wl >= 0) ihi = std::min<int64_t>(ihi, j0 + bk - 1 - s.off + p.wl + 1);
         if (ilo >= ihi) continue;
         if constexpr (PAD) fill_padadd(p, s, j0, bk, padbuf.data());
-        if (bf) {
+        if (bf || f32b) {
           std::fill(dKt.begin(), dKt.begin() + D * bk, 0.f);
           std::fill(dVt.begin(), dVt.begin() + D * bk, 0.f);
         }
@@ -112,6 +115,11 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
               at::native::cpublas::brgemm(bq, bk, p.Dp, p.Dp, nk_even, ldS, false, Qh.data(),
                                           p.kt_vnni + slab + 2 * j0, S, true);
               for (int64_t r = 0; r < bq; ++r) scale_row(S + r * ldS, bk, p.scale);
+            } else if (f32b) {
+              // S(bq x bk) = Q(bq x D) . K^T(D x bk), then the scale
+              at::native::cpublas::brgemm(bq, bk, D, p.q_sn, nk_even, ldS, false, qp, p.kt_f32 + slab + j0, S,
+                                          false);
+              for (int64_t r = 0; r < bq; ++r) scale_row(S + r * ldS, bk, p.scale);
             } else {
               sgemm(TransposeType::Transpose, TransposeType::NoTranspose, bk, bq, D, p.scale, kp,
                     p.k_sn, qp, p.q_sn, 0.f, S, ldS);
@@ -125,6 +133,10 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
             if (bf) {
               at::native::cpublas::brgemm(bq, bk, p.Dp, p.Dp, nk_even, ldS, false, dOh.data(),
                                           p.vt_vnni + slab + 2 * j0, dP, true);
+            } else if (f32b) {
+              // dP(bq x bk) = dO(bq x D) . V^T(D x bk)
+              at::native::cpublas::brgemm(bq, bk, D, g.do_sn, nk_even, ldS, false, dop, p.vt_f32 + slab + j0, dP,
+                                          false);
             } else {
               // dPd^T(bk x bq) = V(bk x D) . dO^T
               sgemm(TransposeType::Transpose, TransposeType::NoTranspose, bk, bq, D, 1.f, vp,
@@ -168,6 +180,11 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
                 }
               }
             }
+            if (g.dbias) {  // dS, before the fp32 brgemm tiles scale it in place
+              float* db = g.dbias + (rowbase + i0) * p.NkT + j0;  // varlen never has bias
+              for (int64_t r = 0; r < bq; ++r)
+                std::copy(dP + r * ldS, dP + r * ldS + bk, db + r * p.NkT);
+            }
             if (bf) {
               const int64_t bq_e = round_up_even(bq), bk_e = round_up_even(bk);
               load_bf16_transposed(qp, p.q_sn, bq, D, bq_e, QT.data());
@@ -185,6 +202,13 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
               at::native::cpublas::brgemm(D, bk, bq_e, bq_e, bk, bk, true, QT.data(), dSv.data(), dKt.data(), true);
               at::native::cpublas::brgemm(bq, D, bk_e, bk_e, D, D, true, dSs.data(), p.k_vnni + slab + j0 * D,
                                           dqp, true);
+            } else if (f32b) {
+              const int64_t toff = (s.tb * p.H + h) * D * p.NqT + s.q0 + i0;  // Q^T, dO^T tiles, ld NqT
+              for (int64_t r = 0; r < bq; ++r) scale_row(dP + r * ldS, bk, p.scale);
+              // dV^T(D x bk) += dO^T . Pd; dK^T(D x bk) += Q^T . (scale dS); dQ(bq x D) += (scale dS) . K
+              at::native::cpublas::brgemm(D, bk, bq, p.NqT, ldS, bk, true, p.dot_f32 + toff, S, dVt.data(), false);
+              at::native::cpublas::brgemm(D, bk, bq, p.NqT, ldS, bk, true, p.qt_f32 + toff, dP, dKt.data(), false);
+              at::native::cpublas::brgemm(bq, D, bk, ldS, p.k_sn, D, true, dP, kp, dqp, false);
             } else {
               // dV^T(D x bk) += dO^T(D x bq) . Pd(bq x bk)
               sgemm(TransposeType::NoTranspose, TransposeType::Transpose, D, bk, bq, 1.f, dop,
@@ -195,11 +219,6 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
               // dQ^T(D x bq) += scale * K^T(D x bk) . dS^T(bk x bq)
               sgemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, bq, bk, p.scale, kp,
                     p.k_sn, dP, ldS, 1.f, dqp, D);
-            }
-            if (g.dbias) {
-              float* db = g.dbias + (rowbase + i0) * p.NkT + j0;  // varlen never has bias
-              for (int64_t r = 0; r < bq; ++r)
-                std::copy(dP + r * ldS, dP + r * ldS + bk, db + r * p.NkT);
             }
           };
           if (p.full_q_num == nullptr) {
@@ -213,7 +232,7 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
                                });
           }
         }
-        if (bf) {  // dK, dV (bk x D) += the transposed accumulators
+        if (bf || f32b) {  // dK, dV (bk x D) += the transposed accumulators
           for (int64_t j = 0; j < bk; ++j)
             for (int64_t d = 0; d < D; ++d) {
               dkp[j * D + d] += dKt[d * bk + j];
@@ -222,7 +241,7 @@ void bwd_kernel(const Params& p, const std::vector<Seq>& seqs, const BwdBufs& g)
         }
       }
     }
-    if (bf) at::native::cpublas::brgemm_release(true);
+    if (bf || f32b) at::native::cpublas::brgemm_release(bf);
   });
 }
 }  // namespace pyattn_cpu_attention

@@ -66,29 +66,65 @@ void plan_slabs(Setup& st) {
   st.p.Dp = Dp;
 }
 
-// Packs K^T of every (sequence, kv head) into fp32 (D, nk_even) slabs.
-void pack_kt_f32(Setup& st) {
-  plan_slabs(st);
-  Params& p = st.p;
+// Packs the transpose of the key-side tensor `base` (strides sb, sh, sn) of every (sequence, kv head)
+// into fp32 (D, nk_even) slabs; returns the buffer (kept alive by `keep`).
+const float* pack_t_f32(const Setup& st, const float* base, int64_t sb, int64_t sh, int64_t sn, at::Tensor& keep) {
+  const Params& p = st.p;
   const int64_t D = p.D, Hkv = p.Hkv;
   const int64_t nslab = static_cast<int64_t>(st.seqs.size()) * Hkv;
-  st.kt_f32 = at::empty({st.slab_off[nslab]}, at::TensorOptions().dtype(at::kFloat));
-  float* kt = st.kt_f32.data_ptr<float>();
+  keep = at::empty({st.slab_off[nslab]}, at::TensorOptions().dtype(at::kFloat));
+  float* kt = keep.data_ptr<float>();
   at::parallel_for(0, nslab, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const Seq& s = st.seqs[i / Hkv];
       const int64_t nke = round_up_even(s.nk);
-      const float* kp = p.k + s.tb * p.k_sb + (i % Hkv) * p.k_sh + s.k0 * p.k_sn;
+      const float* kp = base + s.tb * sb + (i % Hkv) * sh + s.k0 * sn;
       float* kd = kt + st.slab_off[i];
       // blocked transpose: both the reads and the writes of a block stay within a few cache lines
       for (int64_t j0 = 0; j0 < nke; j0 += kPackBlock)
         for (int64_t d0 = 0; d0 < D; d0 += kPackBlock)
           for (int64_t d = d0; d < std::min(D, d0 + kPackBlock); ++d)
             for (int64_t j = j0; j < std::min(nke, j0 + kPackBlock); ++j)
-              kd[d * nke + j] = j < s.nk ? kp[j * p.k_sn + d] : 0.f;
+              kd[d * nke + j] = j < s.nk ? kp[j * sn + d] : 0.f;
     }
   });
-  p.kt_f32 = kt;
+  return kt;
+}
+
+// Packs K^T of every (sequence, kv head) into fp32 (D, nk_even) slabs.
+void pack_kt_f32(Setup& st) {
+  plan_slabs(st);
+  st.p.kt_f32 = pack_t_f32(st, st.p.k, st.p.k_sb, st.p.k_sh, st.p.k_sn, st.kt_f32);
+}
+
+// dst (B, H, D, NqT) = the (B, H, NqT, D) tensor at src (strides sb, sh, sn; unit stride along D)
+// transposed per head; returns the buffer (kept alive by `keep`).
+const float* transpose_heads_f32(const Params& p, const float* src, int64_t sb, int64_t sh, int64_t sn,
+                                 at::Tensor& keep) {
+  const int64_t D = p.D, N = p.NqT;
+  keep = at::empty({p.B * p.H * D * N}, at::TensorOptions().dtype(at::kFloat));
+  float* out = keep.data_ptr<float>();
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const float* sp = src + (bh / p.H) * sb + (bh % p.H) * sh;
+      float* dp = out + bh * D * N;
+      for (int64_t i0 = 0; i0 < N; i0 += kPackBlock)
+        for (int64_t d0 = 0; d0 < D; d0 += kPackBlock)
+          for (int64_t d = d0; d < std::min(D, d0 + kPackBlock); ++d)
+            for (int64_t i = i0; i < std::min(N, i0 + kPackBlock); ++i) dp[d * N + i] = sp[i * sn + d];
+    }
+  });
+  return out;
+}
+
+// fp32 brgemm backward operands: K^T and V^T slabs (B of S and dP), Q^T and dO^T (A of dK^T, dV^T).
+void pack_f32_backward(Setup& st, const float* dout, int64_t do_sb, int64_t do_sh, int64_t do_sn) {
+  plan_slabs(st);
+  Params& p = st.p;
+  p.kt_f32 = pack_t_f32(st, p.k, p.k_sb, p.k_sh, p.k_sn, st.kt_f32);
+  p.vt_f32 = pack_t_f32(st, p.v, p.v_sb, p.v_sh, p.v_sn, st.vt_f32);
+  p.qt_f32 = transpose_heads_f32(p, p.q, p.q_sb, p.q_sh, p.q_sn, st.qt_f32);
+  p.dot_f32 = transpose_heads_f32(p, dout, do_sb, do_sh, do_sn, st.dot_f32);
 }
 
 // Packs K^T and V of every (sequence, kv head) into the VNNI slabs described in Params.

@@ -65,6 +65,11 @@ struct Params {
   // K as (nk_even/2, D, 2)
   const c10::BFloat16* vt_vnni = nullptr;
   const c10::BFloat16* k_vnni = nullptr;
+  // fp32 brgemm backward (kt_f32, vt_f32 != nullptr): also V^T as (D, nk_even) slabs, and Q^T, dO^T
+  // as (B, H, D, NqT) (the A operands of dK^T and dV^T)
+  const float* vt_f32 = nullptr;
+  const float* qt_f32 = nullptr;
+  const float* dot_f32 = nullptr;
   const int64_t* slab_off = nullptr;
   int64_t Dp = 0;
   // Explicit block schedule (block-sparse attention; see pyattn/block_mask.py). Without one
@@ -202,7 +207,7 @@ struct Setup {
   Params p;
   std::vector<Seq> seqs;
   at::Tensor q32, k32, v32, bias_t, slopes_t, kpm_t;  // keep alive
-  at::Tensor kt_f32, kt_vnni, v_vnni, vt_vnni, k_vnni;
+  at::Tensor kt_f32, kt_vnni, v_vnni, vt_vnni, k_vnni, vt_f32, qt_f32, dot_f32;
   std::vector<int64_t> slab_off;
 };
 

@@ -18,10 +18,10 @@ namespace pyattn_cpu_attention {
 
 using namespace pyattn_cpu;
 
-// Tile paths: BLAS sgemm, oneDNN brgemm on fp32 tiles (forward; the backward uses sgemm) or on
-// bf16 tiles (forward and backward). Which path and which forward block sizes a (dtype, head-dim
-// class) uses is measured at first use by pyattn/ops/cpu_tuning.py and set here with
-// attention_set_tile_policy; without a setting the built-in default below applies.
+// Tile paths: BLAS sgemm, oneDNN brgemm on fp32 tiles or on bf16 tiles, each in the forward and
+// the backward. Which path the forward and the backward of a (dtype, head-dim class) use, and
+// which forward block sizes, is measured at first use by pyattn/ops/cpu_tuning.py and set here
+// with attention_set_tile_policy; without a setting the built-in default below applies.
 // PYATTN_CPU_ATTN_BRGEMM=0 forces sgemm, =1 brgemm even for few query rows (tests).
 enum class TileKind { kSgemm = 0, kBrgemmF32 = 1, kBrgemmBF16 = 2 };
 
@@ -35,9 +35,10 @@ int64_t query_rows_per_kv_head(const Setup& st) {
   return max_nq * (st.p.H / st.p.Hkv);
 }
 
-// A measured choice: path (-1 = default) and dense forward block sizes (0 = default).
+// A measured choice: forward and backward paths (-1 = default) and dense forward block sizes
+// (0 = default).
 struct TilePolicy {
-  int64_t path = -1, fbq = 0, fbk = 0;
+  int64_t path = -1, fbq = 0, fbk = 0, bpath = -1;
 };
 
 inline int64_t dtype_slot(at::ScalarType dt) { return dt == at::kFloat ? 0 : dt == at::kBFloat16 ? 1 : 2; }
@@ -67,15 +68,16 @@ TileKind default_tile_kind(at::ScalarType dtype) {
   return TileKind::kSgemm;
 }
 
-TileKind tile_kind(at::ScalarType dtype, int64_t rows_per_kv_head, int64_t D) {
+TileKind tile_kind(at::ScalarType dtype, int64_t rows_per_kv_head, int64_t D, bool backward = false) {
   const char* env = std::getenv("PYATTN_CPU_ATTN_BRGEMM");  // "0": never, "1": whatever the size
   if (env != nullptr && env[0] == '0') return TileKind::kSgemm;
   const bool force_brgemm = env != nullptr && env[0] == '1';
   if (rows_per_kv_head < kMinBrgemmRows && !force_brgemm) return TileKind::kSgemm;
   const int64_t avail = available_tile_paths();  // oneDNN off (torch.backends.mkldnn) -> sgemm only
   const TilePolicy& tp = tile_policy(dtype, D);
-  if (!force_brgemm && tp.path >= 0 && (avail >> tp.path & 1)) {
-    const auto k = static_cast<TileKind>(tp.path);
+  const int64_t path = backward ? tp.bpath : tp.path;
+  if (!force_brgemm && path >= 0 && (avail >> path & 1)) {
+    const auto k = static_cast<TileKind>(path);
     if (k != TileKind::kBrgemmBF16 || dtype == at::kBFloat16) return k;
   }
   return default_tile_kind(dtype);
