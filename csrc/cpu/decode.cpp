@@ -64,14 +64,11 @@ inline fVec load_f32_tail(const T* p, int64_t n) {
 }
 
 // Software prefetch of the bytes [p, p + nbytes) into the caches (one hint per 64-byte line).
-inline void prefetch_row(const void* p, int64_t nbytes) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// __builtin_prefetch rather than _mm_prefetch: GCC drops the latter once inlined into the
+// target("avx512bf16") functions below, which left the bf16 path without prefetches.
+__attribute__((always_inline)) inline void prefetch_row(const void* p, int64_t nbytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < nbytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
-#else
-  (void)p;
-  (void)nbytes;
-#endif
+  for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
 inline float hsum(const fVec& v) {
@@ -183,6 +180,23 @@ PYATTN_BF16_INLINE __m128 hsum4_128(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), w));
 }
 
+// a[r][i] += the dots of 32 columns (from d) of query row r and key row kr[i]; a plain load
+// for whole chunks (a masked load from memory is much slower on some CPUs), masked for the tail.
+template <int RN, bool kMasked>
+PYATTN_BF16_INLINE void dot_chunk_bf16(const c10::BFloat16* const* kr, const c10::BFloat16* q, int64_t Dh, int64_t d,
+                                       __mmask32 mask, __m512 (&a)[RN][4]) {
+  __m512bh kv[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    kv[i] = kMasked ? (__m512bh)_mm512_maskz_loadu_epi16(mask, kr[i] + d) : (__m512bh)_mm512_loadu_si512(kr[i] + d);
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + r * Dh);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], qv, kv[i]);
+  }
+}
+
 // S[r * kBlockN + jj] = scale * <q_r, k_jj> for the n key rows at k (stride ks) and RN <= 4 bf16
 // query rows (zero-padded to Dh, a multiple of 32). Four keys at a time: the 4 x RN accumulators
 // reduce in one tree per row and the next key's dots overlap the previous reduction. On the way,
@@ -209,18 +223,8 @@ PYATTN_BF16_INLINE void qk_keys_bf16(const c10::BFloat16* k, int64_t ks, int64_t
     for (int r = 0; r < RN; ++r)
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 32) {
-      const __mmask32 mask = d < Dfull ? ~__mmask32(0) : tail;
-      __m512bh kv[4];
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) kv[i] = (__m512bh)_mm512_maskz_loadu_epi16(mask, kr[i] + d);
-#pragma GCC unroll 4
-      for (int r = 0; r < RN; ++r) {
-        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + r * Dh + d);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], qv, kv[i]);
-      }
-    }
+    for (int64_t d = 0; d < Dfull; d += 32) dot_chunk_bf16<RN, false>(kr, q + d, Dh, d, 0, a);
+    if (Dfull < D) dot_chunk_bf16<RN, true>(kr, q + Dfull, Dh, Dfull, tail, a);
     const __mmask8 valid = __mmask8((1u << std::min<int64_t>(4, n - j)) - 1);
 #pragma GCC unroll 4
     for (int r = 0; r < RN; ++r)
