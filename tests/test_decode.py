@@ -323,3 +323,16 @@ def test_bf16_widening_path(monkeypatch):
     monkeypatch.setenv("PYATTN_CPU_DECODE_DPBF16", "0")
     q, k, v, sl, bt = make_case(2, 8, 2, 4, 72, torch.bfloat16, [200, 3], 200, page_size=32)
     check("bf16 widening", pyattn.decode_attention(q, k, v, sl, block_table=bt, backend="cpu"), q, k, v, sl, bt)
+
+
+@pytest.mark.parametrize("H,Hkv,Nq,D", [(4, 1, 2, 40), (3, 3, 1, 128), (16, 2, 1, 80), (8, 1, 3, 96), (4, 4, 1, 33)])
+def test_bf16_dot_path_shapes_cpu(H, Hkv, Nq, D):
+    """The AVX512-BF16 path (where the CPU has it): 1-4 query rows per score group and several
+    groups (R up to 24), key blocks whose length is not a multiple of four (ragged and paged),
+    head dims with a masked tail (40, 80, 33) and multiples of 32 (the even/odd P @ V loads)."""
+    skip_unless_backend("cpu")
+    for page_size in (None, 16):
+        q, k, v, sl, bt = make_case(2, H, Hkv, Nq, D, torch.bfloat16, [70, 129], 130, page_size=page_size)
+        for splits in (1, 3):
+            out = pyattn.decode_attention(q, k, v, sl, block_table=bt, num_splits=splits, backend="cpu")
+            check(f"bf16 H={H} Hkv={Hkv} Nq={Nq} D={D} page={page_size} splits={splits}", out, q, k, v, sl, bt)

@@ -64,14 +64,11 @@ inline fVec load_f32_tail(const T* p, int64_t n) {
 }
 
 // Software prefetch of the bytes [p, p + nbytes) into the caches (one hint per 64-byte line).
-inline void prefetch_row(const void* p, int64_t nbytes) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// __builtin_prefetch rather than _mm_prefetch: GCC drops the latter once inlined into the
+// target("avx512bf16") functions below, which left the bf16 path without prefetches.
+__attribute__((always_inline)) inline void prefetch_row(const void* p, int64_t nbytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < nbytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T0);
-#else
-  (void)p;
-  (void)nbytes;
-#endif
+  for (int64_t o = 0; o < nbytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
 inline float hsum(const fVec& v) {
@@ -171,59 +168,151 @@ inline void with_rows(int64_t rn, F&& f) {
 // rows (exact bf16 products, fp32 sums): half the instructions of widening every key to fp32.
 #define PYATTN_BF16_TARGET __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq")))
 
-// S[r * kBlockN] = scale * <q_r, k> for RN bf16 query rows (zero-padded to Dh, a multiple of 32).
-template <int RN>
-PYATTN_BF16_TARGET inline void qk_rows_bf16(const c10::BFloat16* k, const c10::BFloat16* q, int64_t Dh, int64_t D,
-                                            float scale, float* S) {
-  __m512 a[RN];
-#pragma GCC unroll 8
-  for (int r = 0; r < RN; ++r) a[r] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 32) {
-    const __mmask32 mask = D - d >= 32 ? ~__mmask32(0) : (__mmask32(1) << (D - d)) - 1;
-    const __m512bh kv = (__m512bh)_mm512_maskz_loadu_epi16(mask, k + d);
-#pragma GCC unroll 8
-    for (int r = 0; r < RN; ++r)
-      a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(q + r * Dh + d), kv);
-  }
-  alignas(64) float lanes[16];
-  int r = 0;
-  for (; r + 4 <= RN; r += 4) {
-    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a[r], a[r + 1], 0x44), _mm512_shuffle_f32x4(a[r], a[r + 1], 0xEE));
-    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(a[r + 2], a[r + 3], 0x44),
-                                    _mm512_shuffle_f32x4(a[r + 2], a[r + 3], 0xEE));
-    const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-    const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
-    _mm512_store_ps(lanes, _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E)));
-    for (int i = 0; i < 4; ++i) S[(r + i) * kBlockN] = lanes[4 * i] * scale;
-  }
-  for (; r < RN; ++r) S[r * kBlockN] = _mm512_reduce_add_ps(a[r]) * scale;
+#define PYATTN_BF16_INLINE PYATTN_BF16_TARGET __attribute__((always_inline)) inline
+
+// Four lane sums [sum a, sum b, sum c, sum d] (the hsum4 tree, kept in a register).
+PYATTN_BF16_INLINE __m128 hsum4_128(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+  const __m512 w = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), w));
 }
 
-// The score pass of one key block (n rows at k, stride ks) for R query rows; prefetches this
-// block's V rows and the next block's K rows (nn rows at kn) on the way.
+// a[r][i] += the dots of 32 columns (from d) of query row r and key row kr[i]; a plain load
+// for whole chunks (a masked load from memory is much slower on some CPUs), masked for the tail.
+template <int RN, bool kMasked>
+PYATTN_BF16_INLINE void dot_chunk_bf16(const c10::BFloat16* const* kr, const c10::BFloat16* q, int64_t Dh, int64_t d,
+                                       __mmask32 mask, __m512 (&a)[RN][4]) {
+  __m512bh kv[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    kv[i] = kMasked ? (__m512bh)_mm512_maskz_loadu_epi16(mask, kr[i] + d) : (__m512bh)_mm512_loadu_si512(kr[i] + d);
+#pragma GCC unroll 4
+  for (int r = 0; r < RN; ++r) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + r * Dh);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], qv, kv[i]);
+  }
+}
+
+// S[r * kBlockN + jj] = scale * <q_r, k_jj> for the n key rows at k (stride ks) and RN <= 4 bf16
+// query rows (zero-padded to Dh, a multiple of 32). Four keys at a time: the 4 x RN accumulators
+// reduce in one tree per row and the next key's dots overlap the previous reduction. On the way,
+// prefetches the V rows at v (stride vs) and the next block's nn K rows at kn.
+template <int RN>
+PYATTN_BF16_INLINE void qk_keys_bf16(const c10::BFloat16* k, int64_t ks, int64_t n, const c10::BFloat16* q,
+                                     int64_t Dh, int64_t D, float scale, float* S, const c10::BFloat16* v, int64_t vs,
+                                     const c10::BFloat16* kn, int64_t nn, bool prefetch) {
+  const int64_t Dfull = D / 32 * 32, row_bytes = D * 2;
+  const __mmask32 tail = (__mmask32(1) << (D - Dfull)) - 1;
+  const __m128 vscale = _mm_set1_ps(scale);
+  for (int64_t j = 0; j < n; j += 4) {
+    const c10::BFloat16* kr[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) kr[i] = k + std::min<int64_t>(j + i, n - 1) * ks;  // tail: repeat the last key
+    if (prefetch) {
+      for (int64_t i = j; i < std::min<int64_t>(j + 4, n); ++i) {
+        prefetch_row(v + i * vs, row_bytes);
+        if (i < nn) prefetch_row(kn + i * ks, row_bytes);
+      }
+    }
+    __m512 a[RN][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r)
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < Dfull; d += 32) dot_chunk_bf16<RN, false>(kr, q + d, Dh, d, 0, a);
+    if (Dfull < D) dot_chunk_bf16<RN, true>(kr, q + Dfull, Dh, Dfull, tail, a);
+    const __mmask8 valid = __mmask8((1u << std::min<int64_t>(4, n - j)) - 1);
+#pragma GCC unroll 4
+    for (int r = 0; r < RN; ++r)
+      _mm_mask_storeu_ps(S + r * kBlockN + j, valid, _mm_mul_ps(hsum4_128(a[r][0], a[r][1], a[r][2], a[r][3]), vscale));
+  }
+}
+
+// The score pass of one key block (n rows at k, stride ks) for R query rows, in groups of four.
 PYATTN_BF16_TARGET inline void qk_block_bf16(const c10::BFloat16* k, int64_t ks, int64_t n, const c10::BFloat16* q,
                                              int64_t Dh, int64_t D, int64_t R, float scale, float* S,
                                              const c10::BFloat16* v, int64_t vs, const c10::BFloat16* kn, int64_t nn) {
-  const int64_t row_bytes = D * 2;
-  for (int64_t jj = 0; jj < n; ++jj) {
-    prefetch_row(v + jj * vs, row_bytes);
-    if (jj < nn) prefetch_row(kn + jj * ks, row_bytes);
-    for (int64_t r0 = 0; r0 < R; r0 += kRowGroup) {
-      const c10::BFloat16* kr = k + jj * ks;
-      const c10::BFloat16* qr = q + r0 * Dh;
-      float* Sr = S + r0 * kBlockN + jj;
-      switch (std::min(kRowGroup, R - r0)) {
-        case 1: qk_rows_bf16<1>(kr, qr, Dh, D, scale, Sr); break;
-        case 2: qk_rows_bf16<2>(kr, qr, Dh, D, scale, Sr); break;
-        case 3: qk_rows_bf16<3>(kr, qr, Dh, D, scale, Sr); break;
-        case 4: qk_rows_bf16<4>(kr, qr, Dh, D, scale, Sr); break;
-        case 5: qk_rows_bf16<5>(kr, qr, Dh, D, scale, Sr); break;
-        case 6: qk_rows_bf16<6>(kr, qr, Dh, D, scale, Sr); break;
-        case 7: qk_rows_bf16<7>(kr, qr, Dh, D, scale, Sr); break;
-        default: qk_rows_bf16<8>(kr, qr, Dh, D, scale, Sr); break;
-      }
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const c10::BFloat16* qr = q + r0 * Dh;
+    float* Sr = S + r0 * kBlockN;
+    const bool pf = r0 == 0;  // prefetch once per block
+    switch (std::min<int64_t>(4, R - r0)) {
+      case 1: qk_keys_bf16<1>(k, ks, n, qr, Dh, D, scale, Sr, v, vs, kn, nn, pf); break;
+      case 2: qk_keys_bf16<2>(k, ks, n, qr, Dh, D, scale, Sr, v, vs, kn, nn, pf); break;
+      case 3: qk_keys_bf16<3>(k, ks, n, qr, Dh, D, scale, Sr, v, vs, kn, nn, pf); break;
+      default: qk_keys_bf16<4>(k, ks, n, qr, Dh, D, scale, Sr, v, vs, kn, nn, pf); break;
     }
   }
+}
+
+// acc[r] += sum_j P[r * kBlockN + j] * v_j for RN rows and n bf16 value rows (stride vs), D a
+// multiple of 32. One 64-byte load gives two fp32 vectors without a widening shuffle: the even
+// columns (shifted up 16 bits) and the odd ones (low half masked off), so each 32-column chunk of
+// acc holds its 16 even columns, then its 16 odd ones (undone by interleave_even_odd).
+template <int RN>
+PYATTN_BF16_INLINE void pv_rows_bf16(const c10::BFloat16* v, int64_t vs, int64_t n, const float* P, float* acc,
+                                     int64_t Dp, int64_t D) {
+  const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (int64_t d = 0; d < D; d += 32) {
+    __m512 e[RN], o[RN];
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+      e[r] = _mm512_loadu_ps(acc + r * Dp + d);
+      o[r] = _mm512_loadu_ps(acc + r * Dp + d + 16);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512i x = _mm512_loadu_si512(v + j * vs + d);
+      const __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      const __m512 vo = _mm512_castsi512_ps(_mm512_and_si512(x, hi));
+#pragma GCC unroll 8
+      for (int r = 0; r < RN; ++r) {
+        const __m512 pr = _mm512_set1_ps(P[r * kBlockN + j]);
+        e[r] = _mm512_fmadd_ps(pr, ve, e[r]);
+        o[r] = _mm512_fmadd_ps(pr, vo, o[r]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RN; ++r) {
+      _mm512_storeu_ps(acc + r * Dp + d, e[r]);
+      _mm512_storeu_ps(acc + r * Dp + d + 16, o[r]);
+    }
+  }
+}
+
+PYATTN_BF16_TARGET inline void pv_block_bf16(const c10::BFloat16* v, int64_t vs, int64_t n, const float* S,
+                                             float* acc, int64_t R, int64_t Dp, int64_t D) {
+  for (int64_t r0 = 0; r0 < R; r0 += kRowGroup) {
+    const float* P = S + r0 * kBlockN;
+    float* a = acc + r0 * Dp;
+    switch (std::min(kRowGroup, R - r0)) {
+      case 1: pv_rows_bf16<1>(v, vs, n, P, a, Dp, D); break;
+      case 2: pv_rows_bf16<2>(v, vs, n, P, a, Dp, D); break;
+      case 3: pv_rows_bf16<3>(v, vs, n, P, a, Dp, D); break;
+      case 4: pv_rows_bf16<4>(v, vs, n, P, a, Dp, D); break;
+      case 5: pv_rows_bf16<5>(v, vs, n, P, a, Dp, D); break;
+      case 6: pv_rows_bf16<6>(v, vs, n, P, a, Dp, D); break;
+      case 7: pv_rows_bf16<7>(v, vs, n, P, a, Dp, D); break;
+      default: pv_rows_bf16<8>(v, vs, n, P, a, Dp, D); break;
+    }
+  }
+}
+
+// Undo pv_rows_bf16's column order in the R rows of acc: chunk [even 16 | odd 16] -> 32 in order.
+inline void interleave_even_odd(float* acc, int64_t R, int64_t Dp, int64_t D) {
+  float tmp[32];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; d += 32) {
+      float* c = acc + r * Dp + d;
+      for (int i = 0; i < 16; ++i) {
+        tmp[2 * i] = c[i];
+        tmp[2 * i + 1] = c[16 + i];
+      }
+      std::memcpy(c, tmp, sizeof(tmp));
+    }
 }
 #endif
 
@@ -310,6 +399,9 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
     return n;
   };
   const int64_t row_bytes = D * int64_t(sizeof(T));
+  // bf16 P @ V from whole 32-column loads (pv_rows_bf16) when the head dim allows
+  const bool pv_even_odd = std::is_same_v<T, c10::BFloat16> && p.dpbf16 && D % 32 == 0;
+  (void)pv_even_odd;
   const T *kp = nullptr, *vp = nullptr, *kn = nullptr, *vn = nullptr;
   int64_t n = s0 < s1 ? locate(s0, kp, vp) : 0;
   for (int64_t j0 = s0; j0 < s1; j0 += n, kp = kn, vp = vn, n = j0 < s1 ? locate(j0, kp, vp) : 0) {
@@ -348,9 +440,7 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
             s[jj] = kNegInf;
         }
       }
-      float bm = kNegInf;
-      for (int64_t jj = 0; jj < n; ++jj) bm = nan_max(bm, s[jj]);
-      const float mnew = nan_max(m[r], bm);
+      const float mnew = nan_max(m[r], row_max(s, n));
       if (mnew == kNegInf) {  // nothing visible yet: P = 0
         for (int64_t jj = 0; jj < n; ++jj) s[jj] = 0.f;
         continue;
@@ -359,7 +449,7 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
       fVec vsum(0.f);
       const fVec vm(mnew);
       for (; jj + kV <= n; jj += kV) {
-        const fVec e = (fVec::loadu(s + jj) - vm).exp_u20();
+        const fVec e = vexp(fVec::loadu(s + jj) - vm);
         e.store(s + jj);
         vsum = vsum + e;
       }
@@ -379,11 +469,22 @@ void decode_item(const Params& p, int64_t b, int64_t hk, int64_t split, float* q
       l[r] += sum;
     }
     // ---- acc[r] += P[r] @ V: per head-dim chunk, the row group's accumulators stay in registers
+#ifdef PYATTN_DPBF16
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (pv_even_odd) {
+        pv_block_bf16(vp, p.v_s2, n, S, acc, R, Dp, D);
+        continue;
+      }
+    }
+#endif
     for (int64_t r0 = 0; r0 < R; r0 += kRowGroup)
       with_rows(std::min(kRowGroup, R - r0), [&](auto rn) {
         pv_rows<T, decltype(rn)::value>(vp, p.v_s2, n, S + r0 * kBlockN, acc + r0 * Dp, Dp, D);
       });
   }
+#ifdef PYATTN_DPBF16
+  if (pv_even_odd) interleave_even_odd(acc, R, Dp, D);
+#endif
 
   if (p.splits == 1) {  // final result straight away
     T* out = static_cast<T*>(p.out);
