@@ -91,7 +91,7 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         return out
     cache = PagedGenerationCache.for_batch(model, lengths, max_new_tokens, page_size) if use_cache else None
     step_logits = _prefill(model, cache, prompts, lengths) if use_cache else None
-    seqs = [prompts[b, :int(lengths[b])].tolist() for b in range(B)]
+    seqs = None if use_cache else [prompts[b, :int(lengths[b])].tolist() for b in range(B)]
     for t in range(max_new_tokens):
         if not use_cache:
             step_logits = _full_logits(model, seqs, device)
@@ -106,10 +106,11 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
             done = done | torch.isin(nxt, torch.tensor(stops, device=device))
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        for b in range(B):
-            seqs[b].append(int(nxt[b]))
         if use_cache:
             step_logits = _step(model, cache, nxt)
+        else:
+            for b in range(B):
+                seqs[b].append(int(nxt[b]))
     return out
 
 
