@@ -129,6 +129,30 @@ class PagedKVCache:
         decode_kv_append(kp, vp, k.to(kp.dtype).contiguous(), v.to(vp.dtype).contiguous(),
                          self.cache_seqlens(seq_ids), self.block_table(seq_ids), backend)
 
+    def append_packed(self, seq_ids: Sequence[int], k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
+                      layer: int = 0) -> None:
+        """Write packed k, v (total, Hkv, D) (sequence b's tokens are rows cu_seqlens[b]:cu_seqlens[b+1],
+        as :func:`pyattn.varlen_attention` takes them) after each sequence's valid tokens in ``layer``,
+        reserving pages as needed; no padding is written. Lengths are not advanced."""
+        kp, vp = self.layer(layer)
+        if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (kp.shape[1], kp.shape[3]):
+            raise ValueError(f"k and v must both be (total, Hkv, D) = (total, {kp.shape[1]}, {kp.shape[3]}), got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if tuple(cu_seqlens.shape) != (len(seq_ids) + 1,) or int(cu_seqlens[-1]) != k.shape[0]:
+            raise ValueError(f"cu_seqlens must have shape ({len(seq_ids) + 1},) and end at {k.shape[0]}, got "
+                             f"{cu_seqlens.tolist()}")
+        counts = cu_seqlens.to(torch.int64).diff().cpu()
+        for sid, n in zip(seq_ids, counts.tolist()):
+            self._check_seq(sid)
+            self._ensure(sid, self._lengths[sid] + n)
+        counts = counts.to(self.device)
+        row = torch.repeat_interleave(torch.arange(len(seq_ids), device=self.device), counts)  # sequence of each token
+        start = torch.repeat_interleave(cu_seqlens.to(self.device, torch.int64)[:-1], counts)
+        pos = self.cache_seqlens(seq_ids).to(torch.int64)[row] + torch.arange(k.shape[0], device=self.device) - start
+        page = self.block_table(seq_ids).to(torch.int64)[row, pos // self.page_size]
+        kp[page, :, pos % self.page_size] = k.to(kp.dtype)
+        vp[page, :, pos % self.page_size] = v.to(vp.dtype)
+
     # ---- internals
     def _check_seq(self, seq_id: int) -> None:
         if seq_id not in self._pages:

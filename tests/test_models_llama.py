@@ -1,5 +1,6 @@
 """LlamaForCausalLM on pyattn ops: Hugging Face checkpoints (Llama, Mistral, Qwen2) load with the
-same logits and the same greedy tokens; cached, uncached and ragged generation agree; bad input."""
+same logits and the same greedy tokens; cached (paged KV cache + decode_attention), uncached and
+ragged generation agree; bad input."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import pyattn.models.generation as generation  # noqa: E402
 from pyattn.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -74,6 +76,69 @@ def test_cached_equals_uncached_and_ragged_equals_per_prompt(pair):
     assert torch.equal(ragged[0], single_a[0]) and torch.equal(ragged[1], single_b[0])
 
 
+def _ragged(prompts, left: bool):
+    """(ids, mask) of the 1-D prompts padded to the longest, on the left or the right."""
+    P = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), P, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        sl = slice(P - len(p), P) if left else slice(0, len(p))
+        ids[b, sl], mask[b, sl] = p, 1
+    return ids, mask
+
+
+def _count_decode_calls(monkeypatch):
+    calls = []
+    real = generation.decode_attention
+
+    def counted(q, k_cache, v_cache, cache_seqlens, **kw):
+        calls.append(dict(seqlens=cache_seqlens.tolist(), pages=int(kw["block_table"].shape[1]),
+                          page_size=k_cache.shape[2], window=kw["window"], new=kw["k_new"] is not None))
+        return real(q, k_cache, v_cache, cache_seqlens, **kw)
+    monkeypatch.setattr(generation, "decode_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left-padded", "right-padded"])
+def test_paged_generation_ragged_batch_matches_transformers(pair, left, monkeypatch):
+    """Prompts of 37, 20 and 5 tokens + 24 new ones in 16-token pages (up to 4 pages per sequence):
+    the same greedy tokens as the uncached path and as transformers on each prompt alone, with
+    every decode step of every layer through decode_attention over the pages."""
+    family, hf, ours = pair
+    prompts = [_ids(1, n, seed)[0] for n, seed in ((37, 11), (20, 12), (5, 13))]
+    ids, mask = _ragged(prompts, left)
+    calls = _count_decode_calls(monkeypatch)
+    new = 24
+    got = ours.generate(ids, mask, max_new_tokens=new, eos_token_id=[], page_size=16)
+    L = ours.config.num_hidden_layers
+    assert len(calls) == L * (new - 1)
+    assert all(c["new"] and c["page_size"] == 16 and c["pages"] == 4 for c in calls)
+    assert calls[0]["seqlens"] == [37, 20, 5] and calls[-1]["seqlens"] == [37 + new - 2, 20 + new - 2, 5 + new - 2]
+    want_window = (4, 0) if family == "mistral" else None  # sliding_window 5: a query sees itself + 4 keys
+    assert all(c["window"] == want_window for c in calls)
+    monkeypatch.undo()
+    assert torch.equal(got, ours.generate(ids, mask, max_new_tokens=new, eos_token_id=[], use_cache=False))
+    for b, p in enumerate(prompts):
+        ref = hf.generate(p[None], max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(got[b], ref[0, len(p):]), (family, b)
+
+
+def test_paged_generation_stop_tokens_in_a_ragged_batch(pair):
+    """A sequence that emits a stop token is padded from then on; the others are unaffected."""
+    _, _, ours = pair
+    ids, mask = _ragged([_ids(1, n, seed)[0] for n, seed in ((19, 21), (6, 22))], left=True)
+    free = ours.generate(ids, mask, max_new_tokens=10, eos_token_id=[], page_size=16)
+    stop = int(free[1, 3])
+    stops = [stop, 96]
+    stopped = ours.generate(ids, mask, max_new_tokens=10, eos_token_id=stops, pad_token_id=95, page_size=16)
+    assert int(stopped[1, 3]) in stops or bool((stopped[1, 3:] == 95).all())
+    for b in range(2):
+        hits = [t for t, tok in enumerate(free[b].tolist()) if tok in stops]
+        t = hits[0] if hits else 10  # the first stop token of the unstopped run
+        assert torch.equal(stopped[b, :t + 1], free[b, :t + 1])
+        assert bool((stopped[b, t + 1:] == 95).all())
+
+
 def test_sampling_reproducible_and_stops():
     model = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_hidden_layers": 1})).eval()
     ids = _ids(2, 5)
@@ -114,6 +179,8 @@ def test_bad_input(tmp_path):
         model.generate(_ids(1, 4), do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(_ids(1, 4), do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="page_size"):
+        model.generate(_ids(1, 4), page_size=0)
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
         LlamaConfig(**COMMON, rope_scaling={"rope_type": "yarn", "factor": 2.0})
     hf = _hf("llama", num_hidden_layers=1)

@@ -10,7 +10,9 @@
 * "llama train step" / "llama generate" (``--full`` only): a small LLaMA-shaped decoder
   (``pyattn.models.llama.LlamaForCausalLM`` against transformers' ``LlamaForCausalLM`` with "sdpa"
   attention, the same weights): fwd + bwd + AdamW at N in {512, 2048}, and greedy generation of
-  128 new tokens after a 512-token prompt at batch 1 and 8 (throughput in generated tokens/s).
+  128 new tokens after a 512-token prompt at batch 1 and 8 (throughput in generated tokens/s):
+  pyattn's own ``generate`` (paged KV cache, ``decode_attention`` per step), transformers'
+  ``generate`` with ``attn_implementation="pyattn"`` ("pyattn-hf") and with "sdpa" ("transformers").
 
 Throughput counts 2 x (non-embedding parameters) x real tokens (x3 for training), an estimate
 for comparing rows; pyattn computes only the real tokens, the peers the whole padded batch.
@@ -134,9 +136,12 @@ _LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hid
 
 
 def _llama_pair(device):
-    """(pyattn model, transformers model) with the same weights, through a saved checkpoint."""
+    """(pyattn model, transformers model with "sdpa", the same with attn_implementation="pyattn"),
+    all with the same weights (through a saved checkpoint)."""
+    import copy
     import tempfile
     import transformers
+    import pyattn.integrations.transformers  # noqa: F401  (registers "pyattn")
     from pyattn.models.llama import LlamaForCausalLM
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA))
@@ -144,7 +149,9 @@ def _llama_pair(device):
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d, safe_serialization=True)
         ours = LlamaForCausalLM.from_pretrained(d)
-    return ours.to(device), hf.to(device)
+    hf_pyattn = copy.deepcopy(hf)
+    hf_pyattn.set_attn_implementation("pyattn")
+    return ours.to(device), hf.to(device), hf_pyattn.to(device)
 
 
 def _llama_cases(device: torch.device, quick: bool) -> List[Case]:
@@ -186,12 +193,18 @@ def _llama_cases(device: torch.device, quick: bool) -> List[Case]:
             with torch.no_grad():
                 return models()[0].eval().generate(ids, max_new_tokens=new)
 
-        def gen_hf(ids=ids):
-            with torch.no_grad():
-                return models()[1].eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                                   min_new_tokens=new, do_sample=False, pad_token_id=0)
+        def gen_hf(which, ids=ids):
+            def run():
+                with torch.no_grad():
+                    return models()[which].eval().generate(ids, attention_mask=torch.ones_like(ids),
+                                                           max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                                           pad_token_id=0)
+            return run
         cases.append(Case("llama", "generate", f"B{B} prompt{prompt}+{new}", "float32",
-                          {"pyattn": gen_ours, "transformers": gen_hf}, work=float(B * new), unit="tokens/s",
-                          tier="full", params={"B": B},
-                          notes={"model": "same decoder, greedy, KV cache in both"}))
+                          {"pyattn": gen_ours, "pyattn-hf": gen_hf(2), "transformers": gen_hf(1)},
+                          work=float(B * new), unit="tokens/s", tier="full", params={"B": B},
+                          notes={"model": "same decoder, greedy, KV cache in all",
+                                 "pyattn": "pyattn.models.LlamaForCausalLM.generate (paged KV cache, decode_attention)",
+                                 "pyattn-hf": "transformers generate with attn_implementation='pyattn'",
+                                 "transformers": "transformers generate, 'sdpa' attention"}))
     return cases

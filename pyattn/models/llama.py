@@ -2,7 +2,8 @@
 
 Pre-norm blocks: ``h = x + Attn(RMSNorm(x))``, ``y = h + SwiGLU(RMSNorm(h))`` with the second
 norm fused with its residual add (``pyattn.rms_norm(..., residual=)``), rotary positions, GQA,
-causal or sliding-window attention through ``pyattn.attention`` / ``pyattn.varlen_attention``,
+causal or sliding-window attention through ``pyattn.attention`` (generation: ``pyattn.varlen_attention``
+for the prompts, ``pyattn.decode_attention`` over a ``pyattn.PagedKVCache`` per new token),
 and the feed-forward through ``pyattn.glu_ffn``. Parameter names follow Hugging Face's
 ``LlamaForCausalLM`` except the stacked ``mlp.gate_up_proj`` (see :mod:`pyattn.models.hf_loading`).
 
@@ -11,13 +12,13 @@ Shapes: B batch, N tokens, E hidden size, H query heads, Hkv key/value heads, D 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..attention import attention, varlen_attention
+from ..attention import attention
 from ..nn.glu import HF_ACTIVATIONS, GLUFeedForward
 from ..nn.rms_norm import RMSNorm
 from ._lm import CausalLMOutput, causal_lm_output, check_token_ids  # noqa: F401 (CausalLMOutput re-exported)
@@ -151,8 +152,9 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, N, c.num_key_value_heads, c.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Optional["KVCache"] = None,
-                layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache=None, layer: int = 0) -> Tensor:
+        """x (B, N, E) -> (B, N, E). ``cache``: None (full causal forward) or the generation cache
+        (:class:`pyattn.models.generation.PagedGenerationCache`) holding this call's earlier tokens."""
         B, N, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         p = self.config.attention_dropout if self.training else 0.0
@@ -242,60 +244,3 @@ class LlamaForCausalLM(nn.Module):
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
-
-@dataclass
-class KVCache:
-    """Per-layer contiguous caches (B, L_max, Hkv, D) with a valid length per sequence.
-
-    ``prefill`` attends packed prompts (``varlen_attention``: no padding computed); a step then
-    appends one token per sequence at its own length and attends over the valid prefix.
-    """
-
-    k: List[Tensor]
-    v: List[Tensor]
-    lengths: Tensor  # (B,) int64: valid tokens per sequence before the current call
-    prefill_cu: Optional[Tensor] = None  # int32 (B + 1,) when the current call is a packed prefill
-    prefill_max: int = 0
-    prefill_index: Optional[Tensor] = None  # (total,) flat (b * Nmax + t) of each packed token
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def allocate(cls, config: LlamaConfig, B: int, max_len: int, device, dtype) -> "KVCache":
-        shape = (B, max_len, config.num_key_value_heads, config.head_dim)
-        z = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-        return cls([z() for _ in range(config.num_hidden_layers)], [z() for _ in range(config.num_hidden_layers)],
-                   torch.zeros(B, dtype=torch.int64, device=device))
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, window, backend) -> Tensor:
-        """q (B, N, H, D), k/v (B, N, Hkv, D) of the new tokens -> out (B, N, H, D)."""
-        kc, vc = self.k[layer], self.v[layer]
-        B, N = q.shape[:2]
-        if self.prefill_cu is not None:  # packed prompts: row t of sequence b is q[b, t]
-            idx = self.prefill_index
-            qp, kp, vp = (t.flatten(0, 1)[idx] for t in (q, k, v))
-            kc.view(-1, *kc.shape[2:])[self._cache_rows(idx, N, kc.shape[1])] = kp
-            vc.view(-1, *vc.shape[2:])[self._cache_rows(idx, N, kc.shape[1])] = vp
-            cu, m = self.prefill_cu, self.prefill_max
-            out = varlen_attention(qp, kp, vp, cu, cu, m, m, causal=True, window=window, backend=backend)
-            full = q.new_zeros(B * N, *q.shape[2:])
-            full[idx] = out
-            return full.view_as(q)
-        # decode step(s): the new tokens go at each sequence's own length
-        rows = self.lengths[:, None] + torch.arange(N, device=q.device)  # (B, N)
-        b = torch.arange(B, device=q.device)[:, None].expand(B, N)
-        kc[b, rows] = k
-        vc[b, rows] = v
-        total = int(self.lengths.max()) + N
-        keys = torch.arange(total, device=q.device)
-        # query t of sequence b sees keys j <= len_b + t (and within the window)
-        qpos = rows[:, None, :, None]  # (B, 1, N, 1)
-        allowed = keys[None, None, None, :] <= qpos
-        if window is not None:
-            allowed = allowed & (keys[None, None, None, :] >= qpos - window[0])
-        out = attention(q.transpose(1, 2), kc[:, :total].transpose(1, 2), vc[:, :total].transpose(1, 2),
-                        attn_mask=allowed, backend=backend)
-        return out.transpose(1, 2)
-
-    @staticmethod
-    def _cache_rows(idx: Tensor, N: int, L: int) -> Tensor:
-        return (idx // N) * L + idx % N
