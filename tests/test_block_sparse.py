@@ -217,6 +217,25 @@ def test_multi_block(backend):
     check_block_sparse(backend, q, k, v, lay, causal=backend == "cpu")
 
 
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+def test_uneven_schedule_per_batch_and_head_cpu(block):
+    """Query blocks with very different key counts (a global row and column, random blocks per
+    (batch, head)), N not a multiple of the block: the forward takes the query blocks by work, most
+    first, and the backward spreads the key blocks over several classes; both must stay exact."""
+    N = 3 * block + block // 2 + 3
+    nb = -(-N // block)
+    q, k, v = _inputs(B=2, H=2, Hkv=1, N=N, D=32, seed=block)
+    t = torch.rand(2, 2, nb, nb, generator=torch.Generator().manual_seed(block)) > 0.6
+    t[:, :, 0, :] = True  # global row: the largest task
+    t[:, :, :, 0] = True  # global column: the key block every query block visits
+    t[1, 0, 2, :] = False  # a query block with no key
+    lay = layouts.from_dense(t, N, block)
+    assert tuple(lay.shape[:2]) == (2, 2)
+    out, leaves = check_block_sparse("cpu", q, k, v, lay)
+    assert out[1, 0, 2 * block:3 * block].abs().max() == 0
+    check_block_sparse("cpu", q, k, v, lay, causal=True)
+
+
 def test_triton_multi_block_and_bits():
     skip_unless_backend("triton")
     N = 1030  # > 1024, not a multiple of the block; the interpreter is slow: few blocks per row

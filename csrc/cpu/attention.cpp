@@ -243,6 +243,19 @@ std::tuple<at::Tensor, at::Tensor> run_forward(Setup& st, const at::Tensor& q, b
       for (size_t si = 0; si < st.seqs.size(); ++si)
         if (qb * p.fbq < st.seqs[si].nq)
           items.push_back({static_cast<int32_t>(si), static_cast<int32_t>(qb)});
+    if (p.full_kv_num != nullptr) {
+      // a block schedule: query blocks by listed key blocks (summed over the schedule's heads),
+      // most first, so that a global row does not end the pass on one thread
+      auto work = [&](const QItem& it) {
+        int64_t w = 0;
+        for (int64_t h = 0; h < p.sch_H; ++h) {
+          const int64_t row = sched_row(p, st.seqs[it.seq].tb, h) * p.nqb + it.qb;
+          w += p.part_kv_num[row] + p.full_kv_num[row];
+        }
+        return w;
+      };
+      std::stable_sort(items.begin(), items.end(), [&](const QItem& a, const QItem& b) { return work(a) > work(b); });
+    }
   }
   // rows not owned by any sequence (varlen with cu_q[-1] < total_q) stay defined
   if (zero_first) {
@@ -299,7 +312,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
   const int64_t nthr = at::get_num_threads();
   const int64_t base_tasks = nseq * p.Hkv;
   int64_t C = 1;
-  if (base_tasks < 2 * nthr) C = std::min(max_nkb, (2 * nthr + base_tasks - 1) / base_tasks);
+  // a block schedule's key blocks carry very uneven work (a global column is visited by every
+  // query block): more, smaller tasks keep the threads balanced
+  const int64_t want = (p.full_q_num != nullptr ? 8 : 2) * nthr;
+  if (base_tasks < want) C = std::min(max_nkb, (want + base_tasks - 1) / base_tasks);
   C = std::max<int64_t>(C, 1);
 
   at::Tensor dqbuf = pyattn_cpu::zeros_output({C, p.B, p.H, p.NqT, p.D}, fopt);

@@ -95,6 +95,28 @@ def _impls(device, causal: bool, window=None, flex_ok=True) -> Dict[str, Callabl
     return impls
 
 
+def fwd_bwd_runs(device, impls: Dict[str, Callable], q, k, v, wrap=None):
+    """The timed calls of peers ``impls`` (name -> f(q, k, v)) on the same inputs: forward, and
+    forward+backward on leaf copies with a fixed upstream gradient -> (fwd, bwd) name -> run().
+    FlexAttention has no CPU backward and its eager mode is only a forward reference point: no
+    backward runs for them. ``wrap(mode, name, run) -> run`` decorates each call (timing records)."""
+    wrap = wrap or (lambda mode, name, run: run)
+    fwd = {name: wrap("fwd", name, lambda f=f: f(q, k, v)) for name, f in impls.items()}
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    g = torch.randn_like(q)
+
+    def fb(f):
+        def run():
+            for t in (qg, kg, vg):
+                t.grad = None
+            f(qg, kg, vg).backward(g)
+        return run
+
+    no_bwd = ("flex", "flex-compiled") if device.type == "cpu" else ("flex",)
+    bwd = {name: wrap("fwd+bwd", name, fb(f)) for name, f in impls.items() if name not in no_bwd}
+    return fwd, bwd
+
+
 def _cases_for(device, B, H, N, D, dtype, causal=False, window=None, label=None, flex_eager_max=2048,
                tier="default", full_impls=("flex", "flex-compiled")) -> List[Case]:
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
@@ -110,20 +132,7 @@ def _cases_for(device, B, H, N, D, dtype, causal=False, window=None, label=None,
         flops = 4 * B * H * N * N * D // (2 if causal else 1)
     cfg = label or f"B{B} H{H} N{N} D{D}" + (" causal" if causal else "")
     dt = str(dtype).replace("torch.", "")
-    fwd = {name: (lambda f=f: f(q, k, v)) for name, f in impls.items()}
-    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    g = torch.randn_like(q)
-
-    def fb(f):
-        def run():
-            for t in (qg, kg, vg):
-                t.grad = None
-            f(qg, kg, vg).backward(g)
-        return run
-
-    # FlexAttention has no CPU backward; its eager mode is only a forward reference point
-    no_bwd = ("flex", "flex-compiled") if device.type == "cpu" else ("flex",)
-    bwd_impls = {name: fb(f) for name, f in impls.items() if name not in no_bwd}
+    fwd, bwd_impls = fwd_bwd_runs(device, impls, q, k, v)
     kind = "window" if window is not None else "causal" if causal else ""
     layout = dict(params={"B": B, "H": H, "N": N, "D": D}, x="N", x_label="sequence length N (tokens)",
                   facets=("D",), figure="attention" + (f"-{kind}" if kind else ""), tier=tier,

@@ -22,6 +22,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from .attention import fwd_bwd_runs
 from .cases import Case, suite
 from .timing import peak_memory_bytes as _peak_bytes
 
@@ -125,21 +126,9 @@ def _cases_for(device, N: int, H: int, D: int, density: float, dtype) -> List[Ca
         impls["flex-compiled"] = lambda q, k, v: flex(q, k, v, block_mask=bm)
     flops = 4 * H * N * N * D * d
     dt = str(dtype).replace("torch.", "")
-    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    g = torch.randn_like(q)
-
-    def fb(f):
-        def run():
-            for t in (qg, kg, vg):
-                t.grad = None
-            f(qg, kg, vg).backward(g)
-        return run
-
     for mode in ("fwd", "fwd+bwd"):
         _densities[(N, mode, d)] = d
-    fwd = {name: _recorded((N, "fwd", d, name), (lambda f=f: f(q, k, v))) for name, f in impls.items()}
-    no_bwd = ("flex-compiled",) if device.type == "cpu" else ()
-    bwd = {name: _recorded((N, "fwd+bwd", d, name), fb(f)) for name, f in impls.items() if name not in no_bwd}
+    fwd, bwd = fwd_bwd_runs(device, impls, q, k, v, wrap=lambda mode, name, run: _recorded((N, mode, d, name), run))
     mb = 2 ** 20
     notes_f = {f"peak_MB_{n}": f"{_peak_bytes(fn, device) / mb:.0f}" for n, fn in
                (("pyattn", fwd["pyattn"]), ("sdpa-bool-mask", fwd["sdpa-bool-mask"]))}
