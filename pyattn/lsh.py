@@ -14,8 +14,8 @@ from torch import Tensor
 
 from . import _dispatch
 from ._autocast import autocast_inputs
-from ._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_shape, \
-    check_tensor
+from ._validate import FLOAT_DTYPES, check_backend_arg, check_int, check_same_device, check_same_dtype, \
+    check_shape, check_tensor
 from .ops.lsh import MAX_HEAD_DIM, lsh_forward
 from .reference.lsh import bucket_factors, hash_buckets, len_norm, mask_values, rotation_size, \
     sort_by_bucket
@@ -50,14 +50,6 @@ def draw_rotations(n_heads: int, head_dim: int, n_hashes: int, n_buckets: Bucket
     return torch.randn(shape, generator=gen, dtype=dtype).to(device)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_buckets(n_buckets) -> Optional[Buckets]:
     if n_buckets is None:
         return None
@@ -88,11 +80,11 @@ def _validate(qk, v, n_hashes, n_buckets, chunk_length, chunks_before, chunks_af
     D = qk.shape[-1]
     if not 1 <= D <= MAX_HEAD_DIM and qk.dtype != torch.float64:
         raise ValueError(f"head dim (qk.shape[-1]) must be in [1, {MAX_HEAD_DIM}], got {D}")
-    _check_int("n_hashes", n_hashes, 1)
+    check_int("n_hashes", n_hashes, 1)
     n_buckets = _check_buckets(n_buckets)
-    _check_int("chunk_length", chunk_length, 1)
-    _check_int("chunks_before", chunks_before, 0)
-    _check_int("chunks_after", chunks_after, 0)
+    check_int("chunk_length", chunk_length, 1)
+    check_int("chunks_before", chunks_before, 0)
+    check_int("chunks_after", chunks_after, 0)
     for name, flag in (("causal", causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
