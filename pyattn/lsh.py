@@ -113,6 +113,16 @@ def _validate(qk, v, n_hashes, n_buckets, chunk_length, chunks_before, chunks_af
     return n_buckets
 
 
+def _check_sort(sort, qk: Tensor, n_hashes: int, chunk_length: int) -> None:
+    B, H, N, _ = qk.shape
+    R, Np = (1, N) if N <= chunk_length else (n_hashes, -(-N // chunk_length) * chunk_length)
+    check_tensor("sort", sort, dtypes=(torch.int64,))
+    check_shape("sort", sort, (B, H, R * Np), "(B, H, n_hashes * N padded to chunk_length), as returned")
+    check_same_device("sort", sort, "qk", qk)
+    if sort.numel() and (int(sort.min()) < 0 or int(sort.max()) >= Np):
+        raise ValueError(f"sort must hold positions in [0, {Np}), got values in [{int(sort.min())}, {int(sort.max())}]")
+
+
 def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
@@ -168,18 +178,45 @@ def lsh_attention(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Option
     Equivalent PyTorch: pyattn/reference/lsh.py (``hash_buckets``, ``sort_by_bucket``,
     ``lsh_chunks_reference``, ``combine_rounds``).
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    out, lse, _ = lsh_attention_and_sort(qk, v, n_hashes=n_hashes, n_buckets=n_buckets, chunk_length=chunk_length,
+                                         chunks_before=chunks_before, chunks_after=chunks_after, causal=causal,
+                                         key_padding_mask=key_padding_mask, rotations=rotations, seed=seed,
+                                         scale=scale, dropout_p=dropout_p, backend=backend)
+    return (out, lse) if return_lse else out
+
+
+def lsh_attention_and_sort(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Optional[Buckets] = None,
+                           chunk_length: int = 64, chunks_before: int = 1, chunks_after: int = 0,
+                           causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+                           rotations: Optional[Tensor] = None, seed: Optional[int] = None,
+                           scale: Optional[float] = None, dropout_p: float = 0.0, backend: Optional[str] = None,
+                           sort: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`lsh_attention` (arguments the same) returning ``(out, lse, sort)``: ``sort`` int64
+    (B, H, R * Np) holds the original positions in (round, bucket, position) order, Np = N padded to
+    the chunk multiple (R = 1, Np = N when N <= chunk_length).
+
+    Given ``sort`` from an earlier call on the same qk (a reversible network recomputing a layer
+    in backward), the hashing and sorting are skipped and that order is used: the recomputation
+    then sees exactly the forward's buckets, whatever rounding does to the rebuilt qk. Rotations
+    drawn from the global RNG (no ``seed`` / ``rotations``) are still drawn, so that the RNG
+    stream (the dropout seed after them, the caller's next draws) advances as in that call.
+    """
     qk, v = autocast_inputs(qk, v)
     n_buckets = _validate(qk, v, n_hashes, n_buckets, chunk_length, chunks_before, chunks_after, causal,
-                          key_padding_mask, rotations, seed, scale, dropout_p, return_lse, backend)
+                          key_padding_mask, rotations, seed, scale, dropout_p, False, backend)
     B, H, N, D = qk.shape
+    if sort is not None:
+        _check_sort(sort, qk, n_hashes, chunk_length)
     scale = D ** -0.5 if scale is None else float(scale)
     if qk.numel() == 0:
-        out = qk.new_zeros(qk.shape)
-        return (out, qk.new_zeros((B, H, 0), dtype=torch.float32)) if return_lse else out
+        return qk.new_zeros(qk.shape), qk.new_zeros((B, H, 0), dtype=torch.float32), \
+            torch.zeros((B, H, 0), dtype=torch.int64, device=qk.device)
     kpm = key_padding_mask
     if N <= chunk_length:
         L, nb, na, R, Np = N, 0, 0, 1, N
-        perm = torch.arange(N, device=qk.device).expand(B, H, N).contiguous()
+        perm = sort if sort is not None else torch.arange(N, device=qk.device).expand(B, H, N).contiguous()
         qkp, vp = qk, v
     else:
         L, nb, na, R = chunk_length, chunks_before, chunks_after, n_hashes
@@ -199,8 +236,11 @@ def lsh_attention(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Option
             check_shape("rotations", rotations, (H, D, R, rotation_size(n_buckets)),
                         f"(H, D, n_hashes, {'sum(n_buckets)' if len(bucket_factors(n_buckets)) > 1 else 'n_buckets'}"
                         " // 2)")
-        with torch.no_grad():
-            perm = sort_by_bucket(hash_buckets(qkp, n_buckets, rotations, kpm))
+        if sort is not None:
+            perm = sort
+        else:
+            with torch.no_grad():
+                perm = sort_by_bucket(hash_buckets(qkp, n_buckets, rotations, kpm))
     name = _dispatch.select_backend("lsh_attention", "lsh", qk.device, backend, (qk.dtype, D, L))
     keys = len_norm(qkp) * scale
     mv, smv = mask_values(qk.dtype)
@@ -212,4 +252,4 @@ def lsh_attention(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Option
                               kpm_arg, L, nb, na, causal, mv, smv, float(dropout_p), drop_seed, name)
     if Np != N:
         out, lse = out[:, :, :N], lse[:, :, :N]
-    return (out, lse) if return_lse else out
+    return out, lse, perm
