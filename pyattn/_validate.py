@@ -72,6 +72,15 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
     return float(value)
 
 
+def check_int(name: str, value, minimum: int) -> int:
+    """An int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputTypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_backend_arg(backend) -> None:
     if backend is not None and not isinstance(backend, str):
         raise InputTypeError(f"backend must be a string or None, got {type(backend).__name__}")

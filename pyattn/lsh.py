@@ -14,8 +14,8 @@ from torch import Tensor
 
 from . import _dispatch
 from ._autocast import autocast_inputs
-from ._validate import FLOAT_DTYPES, check_backend_arg, check_same_device, check_same_dtype, check_shape, \
-    check_tensor
+from ._validate import FLOAT_DTYPES, check_backend_arg, check_int, check_same_device, check_same_dtype, \
+    check_shape, check_tensor
 from .ops.lsh import MAX_HEAD_DIM, lsh_forward
 from .reference.lsh import bucket_factors, hash_buckets, len_norm, mask_values, rotation_size, \
     sort_by_bucket
@@ -50,14 +50,6 @@ def draw_rotations(n_heads: int, head_dim: int, n_hashes: int, n_buckets: Bucket
     return torch.randn(shape, generator=gen, dtype=dtype).to(device)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_buckets(n_buckets) -> Optional[Buckets]:
     if n_buckets is None:
         return None
@@ -88,11 +80,11 @@ def _validate(qk, v, n_hashes, n_buckets, chunk_length, chunks_before, chunks_af
     D = qk.shape[-1]
     if not 1 <= D <= MAX_HEAD_DIM and qk.dtype != torch.float64:
         raise ValueError(f"head dim (qk.shape[-1]) must be in [1, {MAX_HEAD_DIM}], got {D}")
-    _check_int("n_hashes", n_hashes, 1)
+    check_int("n_hashes", n_hashes, 1)
     n_buckets = _check_buckets(n_buckets)
-    _check_int("chunk_length", chunk_length, 1)
-    _check_int("chunks_before", chunks_before, 0)
-    _check_int("chunks_after", chunks_after, 0)
+    check_int("chunk_length", chunk_length, 1)
+    check_int("chunks_before", chunks_before, 0)
+    check_int("chunks_after", chunks_after, 0)
     for name, flag in (("causal", causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
@@ -119,6 +111,16 @@ def _validate(qk, v, n_hashes, n_buckets, chunk_length, chunks_before, chunks_af
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return n_buckets
+
+
+def _check_sort(sort, qk: Tensor, n_hashes: int, chunk_length: int) -> None:
+    B, H, N, _ = qk.shape
+    R, Np = (1, N) if N <= chunk_length else (n_hashes, -(-N // chunk_length) * chunk_length)
+    check_tensor("sort", sort, dtypes=(torch.int64,))
+    check_shape("sort", sort, (B, H, R * Np), "(B, H, n_hashes * N padded to chunk_length), as returned")
+    check_same_device("sort", sort, "qk", qk)
+    if sort.numel() and (int(sort.min()) < 0 or int(sort.max()) >= Np):
+        raise ValueError(f"sort must hold positions in [0, {Np}), got values in [{int(sort.min())}, {int(sort.max())}]")
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -176,18 +178,45 @@ def lsh_attention(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Option
     Equivalent PyTorch: pyattn/reference/lsh.py (``hash_buckets``, ``sort_by_bucket``,
     ``lsh_chunks_reference``, ``combine_rounds``).
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    out, lse, _ = lsh_attention_and_sort(qk, v, n_hashes=n_hashes, n_buckets=n_buckets, chunk_length=chunk_length,
+                                         chunks_before=chunks_before, chunks_after=chunks_after, causal=causal,
+                                         key_padding_mask=key_padding_mask, rotations=rotations, seed=seed,
+                                         scale=scale, dropout_p=dropout_p, backend=backend)
+    return (out, lse) if return_lse else out
+
+
+def lsh_attention_and_sort(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Optional[Buckets] = None,
+                           chunk_length: int = 64, chunks_before: int = 1, chunks_after: int = 0,
+                           causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+                           rotations: Optional[Tensor] = None, seed: Optional[int] = None,
+                           scale: Optional[float] = None, dropout_p: float = 0.0, backend: Optional[str] = None,
+                           sort: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`lsh_attention` (arguments the same) returning ``(out, lse, sort)``: ``sort`` int64
+    (B, H, R * Np) holds the original positions in (round, bucket, position) order, Np = N padded to
+    the chunk multiple (R = 1, Np = N when N <= chunk_length).
+
+    Given ``sort`` from an earlier call on the same qk (a reversible network recomputing a layer
+    in backward), the hashing and sorting are skipped and that order is used: the recomputation
+    then sees exactly the forward's buckets, whatever rounding does to the rebuilt qk. Rotations
+    drawn from the global RNG (no ``seed`` / ``rotations``) are still drawn, so that the RNG
+    stream (the dropout seed after them, the caller's next draws) advances as in that call.
+    """
     qk, v = autocast_inputs(qk, v)
     n_buckets = _validate(qk, v, n_hashes, n_buckets, chunk_length, chunks_before, chunks_after, causal,
-                          key_padding_mask, rotations, seed, scale, dropout_p, return_lse, backend)
+                          key_padding_mask, rotations, seed, scale, dropout_p, False, backend)
     B, H, N, D = qk.shape
+    if sort is not None:
+        _check_sort(sort, qk, n_hashes, chunk_length)
     scale = D ** -0.5 if scale is None else float(scale)
     if qk.numel() == 0:
-        out = qk.new_zeros(qk.shape)
-        return (out, qk.new_zeros((B, H, 0), dtype=torch.float32)) if return_lse else out
+        return qk.new_zeros(qk.shape), qk.new_zeros((B, H, 0), dtype=torch.float32), \
+            torch.zeros((B, H, 0), dtype=torch.int64, device=qk.device)
     kpm = key_padding_mask
     if N <= chunk_length:
         L, nb, na, R, Np = N, 0, 0, 1, N
-        perm = torch.arange(N, device=qk.device).expand(B, H, N).contiguous()
+        perm = sort if sort is not None else torch.arange(N, device=qk.device).expand(B, H, N).contiguous()
         qkp, vp = qk, v
     else:
         L, nb, na, R = chunk_length, chunks_before, chunks_after, n_hashes
@@ -207,8 +236,11 @@ def lsh_attention(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Option
             check_shape("rotations", rotations, (H, D, R, rotation_size(n_buckets)),
                         f"(H, D, n_hashes, {'sum(n_buckets)' if len(bucket_factors(n_buckets)) > 1 else 'n_buckets'}"
                         " // 2)")
-        with torch.no_grad():
-            perm = sort_by_bucket(hash_buckets(qkp, n_buckets, rotations, kpm))
+        if sort is not None:
+            perm = sort
+        else:
+            with torch.no_grad():
+                perm = sort_by_bucket(hash_buckets(qkp, n_buckets, rotations, kpm))
     name = _dispatch.select_backend("lsh_attention", "lsh", qk.device, backend, (qk.dtype, D, L))
     keys = len_norm(qkp) * scale
     mv, smv = mask_values(qk.dtype)
@@ -220,4 +252,4 @@ def lsh_attention(qk: Tensor, v: Tensor, *, n_hashes: int = 1, n_buckets: Option
                               kpm_arg, L, nb, na, causal, mv, smv, float(dropout_p), drop_seed, name)
     if Np != N:
         out, lse = out[:, :, :N], lse[:, :, :N]
-    return (out, lse) if return_lse else out
+    return out, lse, perm

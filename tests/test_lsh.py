@@ -292,3 +292,41 @@ def test_cuda_backend_reports_missing_kernels():
 
     with pytest.raises(BackendUnavailableError, match="no CUDA kernels"):
         _call(backend="cuda")
+
+
+@pytest.mark.parametrize("N", [64, 56, 12])  # whole chunks; padded to the chunk multiple; one chunk, no hashing
+def test_given_sort_order_is_reused_without_hashing(N, monkeypatch):
+    torch.manual_seed(0)
+    qk, v = torch.randn(1, 2, N, 8, requires_grad=True), torch.randn(1, 2, N, 8, requires_grad=True)
+    kw = dict(chunk_length=16, n_hashes=2, n_buckets=4, causal=True, dropout_p=0.2, backend="reference")
+    torch.manual_seed(5)  # rotations and the dropout seed from the global RNG
+    out, lse, sort = pyattn.lsh.lsh_attention_and_sort(qk, v, **kw)
+    after_first = torch.rand(())
+    Np, R = (-(-N // 16) * 16, 2) if N > 16 else (N, 1)
+    assert sort.dtype == torch.int64 and sort.shape == (1, 2, R * Np)
+    assert torch.equal(sort.view(1, 2, R, Np).sort(-1).values, torch.arange(Np).expand(1, 2, R, Np))
+    calls = []
+    monkeypatch.setattr(pyattn.lsh, "hash_buckets", lambda *a: calls.append(1) or hash_buckets(*a))
+    torch.manual_seed(5)
+    out2, lse2, sort2 = pyattn.lsh.lsh_attention_and_sort(qk, v, sort=sort, **kw)
+    assert not calls and sort2 is sort
+    assert torch.equal(torch.rand(()), after_first)  # the RNG stream advanced as in the first call
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    g = torch.randn_like(out)
+    assert torch.equal(torch.autograd.grad(out, qk, g)[0], torch.autograd.grad(out2, qk, g)[0])
+    if N > 16:
+        torch.manual_seed(5)
+        pyattn.lsh.lsh_attention_and_sort(qk, v, **kw)
+        assert calls  # without a sort order the buckets are hashed
+
+
+@pytest.mark.parametrize("sort,exc,word", [
+    (torch.zeros(1, 2, 128, dtype=torch.int32), TypeError, "sort"),
+    (torch.zeros(1, 2, 64, dtype=torch.int64), ValueError, "sort"),
+    (torch.full((1, 2, 128), 64, dtype=torch.int64), ValueError, r"sort must hold positions in \[0, 64\)"),
+    (torch.full((1, 2, 128), -1, dtype=torch.int64), ValueError, "sort"),
+])
+def test_bad_sort_order(sort, exc, word):
+    with pytest.raises(exc, match=word):
+        pyattn.lsh.lsh_attention_and_sort(torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8), chunk_length=16,
+                                          n_hashes=2, sort=sort)

@@ -154,6 +154,46 @@ def test_reversible_activation_memory_is_flat_in_depth():
     assert saved[6][1] > 2 * saved[2][1]  # ordinary backprop keeps every layer's activations
 
 
+def _reversible_node(t):
+    """The _ReversibleFunction node (its ctx) in the graph of t."""
+    todo, seen = [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_ReversibleFunctionBackward":
+            return node
+        todo.extend(n for n, _ in node.next_functions)
+    raise AssertionError("no reversible node in the graph")
+
+
+@pytest.mark.parametrize("N", [64, 60])  # whole chunks; padded to the chunk multiple
+def test_reversible_backward_reuses_the_forward_buckets(N, monkeypatch):
+    """Backward hashes nothing: each LSH layer keeps its int64 sort order (B, H, R * Np), O(N)
+    per layer next to the activations the reversible stack does not keep."""
+    cfg = _small(attn_layers=("lsh", "local") * 3, hash_seed=None, hidden_dropout_prob=0.1,
+                 lsh_attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    m = ReformerLM(cfg).train()
+    ids = torch.randint(1, 40, (2, N))
+    ordinary = _saved_numel(m, ids, False)
+    calls = []
+    real = pyattn.lsh.hash_buckets
+    monkeypatch.setattr(pyattn.lsh, "hash_buckets", lambda *a: calls.append(1) or real(*a))
+    loss = m(ids, labels=ids).loss
+    assert len(calls) == 3  # one hashing per LSH layer in forward
+    node = _reversible_node(loss)
+    sorts = [s for _, _, s in node.saved]
+    Np, R = 64, cfg.num_hashes
+    assert [s is None for s in sorts] == [False, True] * 3  # local layers keep no order
+    assert all(s.dtype == torch.int64 and s.shape == (2, 2, R * Np) for s in sorts if s is not None)
+    kept = sum(s.numel() for s in sorts if s is not None)
+    assert kept == 3 * 2 * 2 * R * Np and kept < ordinary // 50
+    loss.backward()
+    assert len(calls) == 3  # backward reused the orders: no re-hash
+
+
 # ------------------------------------------------------------------ ReformerLM against transformers
 @pytest.fixture(scope="module")
 def saved_hf_model(tmp_path_factory):

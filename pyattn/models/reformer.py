@@ -219,8 +219,18 @@ class ReformerAttention(nn.Module):
         self.output = _Dense(config.num_attention_heads * config.attention_head_size, config.hidden_size, False)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-        h = self.self_attention(self.layer_norm(x), key_padding_mask=key_padding_mask)
-        return F.dropout(self.output.dense(h), self.dropout, self.training)
+        return self.forward_and_sort(x, key_padding_mask)[0]
+
+    def forward_and_sort(self, x: Tensor, key_padding_mask: Optional[Tensor],
+                         sort: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """f(x) and, for LSH attention, its bucket sort order (int64 (B, H, R * N), None for local
+        attention); given ``sort`` (from the forward), a recomputation reuses it instead of hashing."""
+        h = self.layer_norm(x)
+        if isinstance(self.self_attention, LSHSelfAttention):
+            h, sort = self.self_attention.forward_and_sort(h, key_padding_mask=key_padding_mask, sort=sort)
+        else:
+            h = self.self_attention(h, key_padding_mask=key_padding_mask)
+        return F.dropout(self.output.dense(h), self.dropout, self.training), sort
 
 
 class ChunkFeedForward(nn.Module):
@@ -294,19 +304,22 @@ def _params(module: nn.Module) -> List[nn.Parameter]:
 class _ReversibleFunction(torch.autograd.Function):
     """Runs the layers without storing activations; backward walks them in reverse, rebuilding
     x2 = y2 - g(y1) and x1 = y1 - f(x2) from the outputs (each f / g recomputed once under its
-    recorded RNG state) and returns the parameters' gradients as outputs of the function (so
-    ``torch.autograd.grad`` and gradient hooks see them)."""
+    recorded RNG state, LSH layers with the bucket order of the forward) and returns the
+    parameters' gradients as outputs of the function (so ``torch.autograd.grad`` and gradient
+    hooks see them). Kept per layer: two RNG states and, for LSH layers, the int64 sort order
+    (B, H, R * N): O(N), no activation."""
 
     @staticmethod
     def forward(ctx, x1, x2, layers, key_padding_mask, *params):
-        states = []
+        saved = []
         for layer in layers:
             s_f = _rng_state(x1.device)
-            x1 = x1 + layer.attention(x2, key_padding_mask)
+            fx, sort = layer.attention.forward_and_sort(x2, key_padding_mask)
+            x1 = x1 + fx
             s_g = _rng_state(x1.device)
             x2 = x2 + layer.feed_forward(x1)
-            states.append((s_f, s_g))
-        ctx.layers, ctx.states, ctx.kpm = layers, states, key_padding_mask
+            saved.append((s_f, s_g, sort))
+        ctx.layers, ctx.saved, ctx.kpm = layers, saved, key_padding_mask
         ctx.index = {id(p): i for i, p in enumerate(params)}
         ctx.save_for_backward(x1, x2)
         return x1, x2
@@ -323,24 +336,27 @@ class _ReversibleFunction(torch.autograd.Function):
                     grads[i] = g if grads[i] is None else grads[i] + g
 
         dev = y1.device
-        for layer, (s_f, s_g) in zip(reversed(ctx.layers), reversed(ctx.states)):
+        for layer, (s_f, s_g, sort) in zip(reversed(ctx.layers), reversed(ctx.saved)):
             ff, gp = layer.feed_forward, _params(layer.feed_forward)
+            slices = ff.slices(y1.shape[1])
             gy, dy1_parts = [], []
             with _Replay(s_g, dev):  # g is position-wise: recompute and differentiate one chunk at a time
-                for s in ff.slices(y1.shape[1]):
+                for s in slices:
                     with torch.enable_grad():
-                        yc = y1[:, s].detach().requires_grad_()
+                        yc = (y1 if len(slices) == 1 else y1[:, s]).detach().requires_grad_()
                         out = ff.forward_chunk(yc)
-                        g = torch.autograd.grad(out, [yc] + gp, dy2[:, s], allow_unused=True)
+                        g = torch.autograd.grad(out, [yc] + gp, dy2 if len(slices) == 1 else dy2[:, s],
+                                                allow_unused=True)
                     gy.append(out.detach())
                     dy1_parts.append(g[0])
                     add(gp, g[1:])
-            x2 = y2 - torch.cat(gy, 1)
-            dy1 = dy1 + torch.cat(dy1_parts, 1)
+            x2 = y2 - (gy[0] if len(gy) == 1 else torch.cat(gy, 1))
+            dy1 = dy1 + (dy1_parts[0] if len(dy1_parts) == 1 else torch.cat(dy1_parts, 1))
+            del gy, dy1_parts
             fp = _params(layer.attention)
             with _Replay(s_f, dev), torch.enable_grad():
                 xc = x2.detach().requires_grad_()
-                out = layer.attention(xc, ctx.kpm)
+                out, _ = layer.attention.forward_and_sort(xc, ctx.kpm, sort)
                 g = torch.autograd.grad(out, [xc] + fp, dy1, allow_unused=True)
             add(fp, g[1:])
             y1, y2, dy2 = y1 - out.detach(), x2, dy2 + g[0]

@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_probability
+from .._validate import check_int, check_probability
 from ..attention import attention
 from ..block_mask import BlockMask
 from ..block_sparse import block_sparse_attention
-from ..lsh import _check_int
 
 _BLOCKS = (128, 64, 32, 16)
 
@@ -97,12 +96,12 @@ class LocalSelfAttention(nn.Module):
                  is_decoder: bool = False, local_attention_probs_dropout_prob: float = 0.0,
                  backend: Optional[str] = None):
         super().__init__()
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_attention_heads", num_attention_heads, 1)
-        _check_int("attention_head_size", attention_head_size, 1)
-        _check_int("local_attn_chunk_length", local_attn_chunk_length, 1)
-        _check_int("local_num_chunks_before", local_num_chunks_before, 0)
-        _check_int("local_num_chunks_after", local_num_chunks_after, 0)
+        check_int("hidden_size", hidden_size, 1)
+        check_int("num_attention_heads", num_attention_heads, 1)
+        check_int("attention_head_size", attention_head_size, 1)
+        check_int("local_attn_chunk_length", local_attn_chunk_length, 1)
+        check_int("local_num_chunks_before", local_num_chunks_before, 0)
+        check_int("local_num_chunks_after", local_num_chunks_after, 0)
         if not isinstance(is_decoder, bool):
             raise TypeError(f"is_decoder must be a bool, got {type(is_decoder).__name__}")
         self.num_attention_heads = num_attention_heads

@@ -6,12 +6,12 @@ Parameter names (``query_key``, ``value``) and constructor arguments follow tran
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..lsh import default_n_buckets, lsh_attention
+from ..lsh import default_n_buckets, lsh_attention_and_sort
 
 
 class LSHSelfAttention(nn.Module):
@@ -60,6 +60,14 @@ class LSHSelfAttention(nn.Module):
     def forward(self, hidden_states: Tensor, key_padding_mask: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, num_hashes: Optional[int] = None) -> Tensor:
         """key_padding_mask (B, N) bool, True = padding; or transformers' attention_mask (1 = keep)."""
+        return self.forward_and_sort(hidden_states, key_padding_mask, attention_mask, num_hashes)[0]
+
+    def forward_and_sort(self, hidden_states: Tensor, key_padding_mask: Optional[Tensor] = None,
+                         attention_mask: Optional[Tensor] = None, num_hashes: Optional[int] = None,
+                         sort: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """:meth:`forward` also returning the bucket sort order, int64 (B, H, R * N padded) (see
+        :func:`pyattn.lsh.lsh_attention_and_sort`); given ``sort`` from an earlier call on the same
+        input, hashing is skipped and that order reused (a reversible recomputation)."""
         if attention_mask is not None:
             if key_padding_mask is not None:
                 raise ValueError("give key_padding_mask (True = pad) or attention_mask (1 = keep), not both")
@@ -72,12 +80,12 @@ class LSHSelfAttention(nn.Module):
         if n_buckets is None and N > self.chunk_length:
             padded = -(-N // self.chunk_length) * self.chunk_length
             n_buckets = default_n_buckets(padded, self.chunk_length, self.max_position_embeddings)
-        out = lsh_attention(qk, v, n_hashes=num_hashes or self.num_hashes, n_buckets=n_buckets,
-                            chunk_length=self.chunk_length, chunks_before=self.num_chunks_before,
-                            chunks_after=self.num_chunks_after, causal=self.is_decoder,
-                            key_padding_mask=key_padding_mask, seed=self.hash_seed,
-                            dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
-        return out.transpose(1, 2).reshape(B, N, H * D)
+        out, _, sort = lsh_attention_and_sort(
+            qk, v, n_hashes=num_hashes or self.num_hashes, n_buckets=n_buckets, chunk_length=self.chunk_length,
+            chunks_before=self.num_chunks_before, chunks_after=self.num_chunks_after, causal=self.is_decoder,
+            key_padding_mask=key_padding_mask, seed=self.hash_seed, dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend, sort=sort)
+        return out.transpose(1, 2).reshape(B, N, H * D), sort
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_attention_heads}, head_size={self.attention_head_size}, "
